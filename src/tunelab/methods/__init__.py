@@ -1,0 +1,62 @@
+"""The method axis: how a loaded backbone is adapted (which parameters train, which modules are added).
+
+Each method is a function ``adapt(model, method_cfg) -> model`` registered in :data:`METHODS`; it returns
+the model to train, with ``requires_grad`` set on exactly the parameters the method trains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+
+from tunelab.errors import ConfigError
+from tunelab.methods.full import adapt_full
+from tunelab.methods.lora import adapt_lora
+
+METHODS: dict[str, Callable[[torch.nn.Module, DictConfig], torch.nn.Module]] = {
+    "full": adapt_full,
+    "lora": adapt_lora,
+}
+
+
+def apply_method(model: torch.nn.Module, method_cfg: DictConfig) -> torch.nn.Module:
+    """Adapt ``model`` with the method named by ``method_cfg.name``."""
+    if method_cfg.name not in METHODS:
+        raise ConfigError(f"method={method_cfg.name!r} is not one of {sorted(METHODS)}")
+    return METHODS[method_cfg.name](model, method_cfg)
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    """True when the model is wrapped by peft (adapters save in peft format)."""
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+@dataclass(frozen=True)
+class ParameterReport:
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
+
+
+def parameter_report(model: torch.nn.Module) -> ParameterReport:
+    """Count trainable and total parameters (tied weights counted once)."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    return ParameterReport(trainable=trainable, total=total)

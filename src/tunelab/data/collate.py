@@ -1,0 +1,51 @@
+"""Batch collation: right-padded training batches, left-padded prompts for generation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tunelab.data.tokenization import IGNORE_INDEX, EncodedExample
+
+
+def _pad(rows: Sequence[Sequence[int]], value: int, left: bool, multiple_of: int | None) -> torch.Tensor:
+    length = max(len(row) for row in rows)
+    if multiple_of:
+        length = -(-length // multiple_of) * multiple_of
+    padded = [
+        ([value] * (length - len(row)) + list(row)) if left else (list(row) + [value] * (length - len(row)))
+        for row in rows
+    ]
+    return torch.tensor(padded, dtype=torch.long)
+
+
+class TrainingCollator:
+    """``input_ids`` / ``attention_mask`` / ``labels`` right-padded to the longest row (or a multiple)."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+        self.pad_token_id, self.pad_to_multiple_of = pad_token_id, pad_to_multiple_of
+
+    def __call__(self, examples: Sequence[EncodedExample]) -> dict[str, torch.Tensor]:
+        ids = [ex.input_ids for ex in examples]
+        return {
+            "input_ids": _pad(ids, self.pad_token_id, False, self.pad_to_multiple_of),
+            "attention_mask": _pad([[1] * len(r) for r in ids], 0, False, self.pad_to_multiple_of),
+            "labels": _pad([ex.labels for ex in examples], IGNORE_INDEX, False, self.pad_to_multiple_of),
+        }
+
+
+class GenerationCollator:
+    """Left-padded prompts (so generation appends at the same position) plus the reference answers."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: Sequence[EncodedExample]) -> dict[str, object]:
+        prompts = [ex.input_ids[: ex.prompt_length] for ex in examples]
+        return {
+            "prompt_input_ids": _pad(prompts, self.pad_token_id, True, None),
+            "prompt_attention_mask": _pad([[1] * len(p) for p in prompts], 0, True, None),
+            "questions": [ex.question for ex in examples],
+            "references": [ex.response for ex in examples],
+        }

@@ -1,0 +1,182 @@
+"""The SFT data module: local files (or a packaged data set) -> seeded splits -> tokenized batches.
+
+Splits: when only ``data.path`` is given, the examples are shuffled once with ``data.split_seed`` and cut
+into test (first ``test_size``), validation (next ``val_size``) and train (the rest, capped at
+``train_size``). Sizes are counts (int >= 1) or fractions (float < 1). ``val_path`` / ``test_path`` give
+explicit splits instead. Validation and test loaders come in pairs: teacher-forced loss batches, and
+left-padded prompts of the first ``generation_samples`` examples for generated-text metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from tunelab.data.collate import GenerationCollator, TrainingCollator
+from tunelab.data.loading import load_examples
+from tunelab.data.records import ChatExample
+from tunelab.data.sampler import ResumableSampler
+from tunelab.data.tokenization import EncodedExample, encode_examples
+from tunelab.errors import ConfigError
+
+log = logging.getLogger("tunelab.data")
+
+BUILDERS = ("hpo_qa",)
+
+
+def resolve_data_path(data_cfg: DictConfig, cache_dir: str | Path) -> Path:
+    """The file holding the examples: built from a package (``data.builder``) or ``data.path``."""
+    if data_cfg.get("builder"):
+        if data_cfg.builder not in BUILDERS:
+            raise ConfigError(f"data.builder={data_cfg.builder!r} is not one of {list(BUILDERS)}")
+        from tunelab.assets.hpo_qa import ensure_hpo_qa
+
+        return ensure_hpo_qa(cache_dir)
+    if not data_cfg.get("path"):
+        raise ConfigError(f"data={data_cfg.name}: set data.path to a local .jsonl/.json/.csv/.parquet file")
+    return Path(data_cfg.path)
+
+
+def split_size(value: float | int | None, total: int, name: str) -> int:
+    """A split size from a count or a fraction of ``total``."""
+    if value is None:
+        return total
+    if isinstance(value, float) and 0 < value < 1:
+        return math.ceil(value * total)
+    if int(value) != value or value < 0:
+        raise ConfigError(f"data.{name}={value} must be a count >= 0 or a fraction in (0, 1)")
+    return int(value)
+
+
+def seeded_split(
+    examples: list[ChatExample], data_cfg: DictConfig
+) -> dict[str, list[ChatExample]]:
+    """Shuffle once with ``split_seed`` and cut test / val / train (see module docstring)."""
+    generator = torch.Generator().manual_seed(data_cfg.split_seed)
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    shuffled = [examples[i] for i in order]
+    n_test = split_size(data_cfg.test_size, len(shuffled), "test_size")
+    n_val = split_size(data_cfg.val_size, len(shuffled), "val_size")
+    if n_test + n_val >= len(shuffled):
+        raise ConfigError(
+            f"data.test_size + data.val_size = {n_test + n_val} leaves no training examples "
+            f"out of {len(shuffled)}"
+        )
+    train = shuffled[n_test + n_val :]
+    return {
+        "test": shuffled[:n_test],
+        "val": shuffled[n_test : n_test + n_val],
+        "train": train[: split_size(data_cfg.train_size, len(train), "train_size")],
+    }
+
+
+class SFTDataModule(LightningDataModule):
+    def __init__(
+        self, data_cfg: DictConfig, tokenizer: Any, cache_dir: str | Path, generation_samples: int = 0
+    ) -> None:
+        super().__init__()
+        self.cfg, self.tokenizer, self.cache_dir = data_cfg, tokenizer, cache_dir
+        self.generation_samples = generation_samples
+        self.splits: dict[str, list[EncodedExample]] = {}
+        self.report: dict[str, Any] = {}
+        self._resume: dict[str, int] | None = None
+        self._sampler: ResumableSampler | None = None
+
+    def prepare_data(self) -> None:
+        resolve_data_path(self.cfg, self.cache_dir)
+
+    def _load(self, path: str | Path) -> list[ChatExample]:
+        result = load_examples(path, self.cfg.format, on_error=self.cfg.on_error, limit=self.cfg.get("limit"))
+        self.report.setdefault("skipped_records", {})[str(path)] = len(result.skipped)
+        return result.examples
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        examples = self._load(resolve_data_path(self.cfg, self.cache_dir))
+        if self.cfg.get("val_path") or self.cfg.get("test_path"):
+            raw = {"train": examples[: split_size(self.cfg.train_size, len(examples), "train_size")]}
+            for split in ("val", "test"):
+                path = self.cfg.get(f"{split}_path")
+                raw[split] = self._load(path) if path else []
+        else:
+            raw = seeded_split(examples, self.cfg)
+        for split, items in raw.items():
+            encoded, dropped = encode_examples(self.tokenizer, items, self.cfg.max_length, self.cfg.on_overflow)
+            self.splits[split] = encoded
+            self.report[split] = {"examples": len(encoded), "dropped_overflow": len(dropped)}
+        log.info("Data %s: %s", self.cfg.name, {k: v["examples"] for k, v in self.report.items() if k in raw})
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def num_train_batches(self) -> int:
+        """Batches per epoch on this rank (all ranks see the same number)."""
+        rank, world = self._rank_and_world()
+        per_rank = math.ceil(len(self.splits["train"]) / world)
+        return math.ceil(per_rank / self.cfg.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_and_world()
+        self._sampler = ResumableSampler(
+            len(self.splits["train"]), shuffle=self.cfg.shuffle, seed=self.cfg.seed, rank=rank, world_size=world
+        )
+        if self._resume is not None:
+            self._sampler.resume_from(self._resume["epoch"], self._resume["consumed"])
+            self._resume = None
+        return DataLoader(
+            self.splits["train"],
+            batch_size=self.cfg.batch_size,
+            sampler=self._sampler,
+            collate_fn=TrainingCollator(self.tokenizer.pad_token_id, self.cfg.pad_to_multiple_of),
+            num_workers=self.cfg.num_workers,
+        )
+
+    def _eval_loaders(self, split: str) -> list[DataLoader]:
+        rank, world = self._rank_and_world()
+        items = self.splits[split]
+        loss_loader = DataLoader(
+            items,
+            batch_size=self.cfg.eval_batch_size,
+            sampler=ResumableSampler(len(items), shuffle=False, seed=0, rank=rank, world_size=world, pad=False),
+            collate_fn=TrainingCollator(self.tokenizer.pad_token_id, self.cfg.pad_to_multiple_of),
+        )
+        if not self.generation_samples:
+            return [loss_loader]
+        prompts = items[: self.generation_samples]
+        generation_loader = DataLoader(
+            prompts,
+            batch_size=self.cfg.eval_batch_size,
+            sampler=ResumableSampler(len(prompts), shuffle=False, seed=0, rank=rank, world_size=world, pad=False),
+            collate_fn=GenerationCollator(self.tokenizer.pad_token_id),
+        )
+        return [loss_loader, generation_loader]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("val")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("test")
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the training data stream stands: the epoch and the samples this rank consumed in it.
+
+        A checkpoint written after the last batch keeps that epoch with everything consumed: Lightning then
+        finishes the epoch from an empty iterator and starts the next one itself.
+        """
+        if self.trainer is None:
+            return {}
+        consumed_batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        epoch = self.trainer.fit_loop.epoch_progress.current.processed
+        return {"epoch": epoch, "consumed": consumed_batches * self.cfg.batch_size}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume = dict(state_dict) if state_dict else None

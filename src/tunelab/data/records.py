@@ -1,0 +1,14 @@
+"""The one internal record shape every data format converts into."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ChatExample:
+    """One supervised example: the conversation so far (prompt) and the assistant answer to learn."""
+
+    prompt: tuple[dict[str, str], ...]  # {"role": system|user|assistant, "content": str}; ends with a user turn
+    response: str  # non-empty assistant answer: the only supervised text
+    source: str  # "path, line N" or "path, record N", for error messages

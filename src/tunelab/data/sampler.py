@@ -1,0 +1,57 @@
+"""A seeded, rank-sharded sampler that can resume mid-epoch.
+
+Written in-house because the stock options do not resume exactly: Lightning's mid-epoch restore replays the
+epoch from its start unless the loader is stateful, and its stateful-loader path drops the state when the
+optimizer config reads ``trainer.estimated_stepping_batches`` (Lightning issue #20550).
+
+Order of epoch ``e``: a permutation from ``torch.Generator().manual_seed(seed + e)`` (identity when
+``shuffle`` is false), padded by wrapping around to a multiple of ``world_size`` when ``pad`` is true, then
+rank ``r`` takes positions ``r, r + world_size, ...``. :meth:`resume_from` makes the next iteration of
+that epoch start after the samples this rank already consumed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+class ResumableSampler(Sampler[int]):
+    def __init__(
+        self, num_samples: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1, pad: bool = True
+    ) -> None:
+        self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
+        self.rank, self.world_size, self.pad = rank, world_size, pad
+        self.epoch = 0
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume_from(self, epoch: int, consumed: int) -> None:
+        """Start the next iteration at ``epoch``, skipping the first ``consumed`` samples of this rank."""
+        self.epoch, self._skip = epoch, consumed
+
+    def _epoch_order(self) -> list[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+        else:
+            order = list(range(self.num_samples))
+        if self.pad and self.num_samples:
+            total = math.ceil(self.num_samples / self.world_size) * self.world_size
+            order += order[: total - len(order)]
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        order, skip = self._epoch_order(), self._skip
+        self._skip = 0
+        return iter(order[skip:])
+
+    def __len__(self) -> int:
+        if self.pad:
+            return math.ceil(self.num_samples / self.world_size)
+        return len(range(self.rank, self.num_samples, self.world_size))

@@ -1,0 +1,97 @@
+"""``evaluate(cfg)``: score a trained checkpoint or adapter on the test (or val) split and write a report.
+
+The run folder (``<run>/checkpoints/x.ckpt`` or ``<run>/adapter``) holds the run's resolved ``config.yaml``,
+so the same model, method, data split and template are rebuilt; only evaluation knobs are overridden.
+Writes ``report.json`` (metrics + samples) and ``report.md`` (a metrics table and sample generations).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from tunelab.errors import ConfigError
+
+
+def locate_run(cfg: DictConfig) -> tuple[Path, DictConfig]:
+    """The run folder and its saved config, from ``ckpt_path`` or ``adapter_path``."""
+    if bool(cfg.ckpt_path) == bool(cfg.adapter_path):
+        raise ConfigError("give exactly one of ckpt_path=<run>/checkpoints/best.ckpt or adapter_path=<run>/adapter")
+    source = Path(cfg.ckpt_path or cfg.adapter_path)
+    if not source.exists():
+        raise ConfigError(f"{source} does not exist")
+    run_dir = source.parent.parent if cfg.ckpt_path else source.parent
+    config_file = run_dir / "config.yaml"
+    if not config_file.exists():
+        raise ConfigError(f"{config_file} not found: evaluate.py needs the run folder written by train.py")
+    return run_dir, OmegaConf.load(config_file)
+
+
+def load_adapter(run_cfg: DictConfig, adapter_dir: Path, cache_dir: str) -> tuple[Any, Any]:
+    """Model + tokenizer from an exported adapter (peft) or full model directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.models.loading import load_model, torch_dtype
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    if (adapter_dir / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base = load_model(run_cfg.model, cache_dir).model
+        return PeftModel.from_pretrained(base, adapter_dir), tokenizer
+    return AutoModelForCausalLM.from_pretrained(adapter_dir, dtype=torch_dtype(run_cfg.model.dtype)), tokenizer
+
+
+def markdown_report(run_dir: Path, split: str, metrics: dict[str, float], samples: list[dict[str, str]]) -> str:
+    lines = [f"# Evaluation of {run_dir} on the {split} split", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {name} | {value:.4f} |" for name, value in sorted(metrics.items())]
+    lines += ["", "## Sample generations", ""]
+    for i, sample in enumerate(samples, 1):
+        lines += [f"### {i}. {sample['question']}", "", f"**model:** {sample['prediction']}", "",
+                  f"**reference:** {sample['reference']}", ""]
+    return "\n".join(lines)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Rebuild the run, score the chosen split, write report.json / report.md; return the metrics."""
+    import lightning.pytorch as pl
+    import torch
+
+    from tunelab.train import build_components
+
+    run_dir, run_cfg = locate_run(cfg)
+    split = cfg.split
+    if split not in ("test", "val"):
+        raise ConfigError(f"split={split!r} is not one of ['test', 'val']")
+    run_cfg.task.generation = cfg.generation
+    run_cfg.paths.cache_dir = cfg.paths.cache_dir
+    pl.seed_everything(run_cfg.seed)
+    components = build_components(run_cfg)
+    module, datamodule = components["module"], components["datamodule"]
+    if cfg.adapter_path:
+        model, _ = load_adapter(run_cfg, Path(cfg.adapter_path), cfg.paths.cache_dir)
+        module.model = model
+    else:
+        state = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+        module.load_state_dict(state, strict=module.strict_loading)
+    if split == "val":
+        datamodule.test_dataloader = datamodule.val_dataloader
+    trainer = pl.Trainer(
+        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, logger=False,
+        precision=cfg.trainer.precision or run_cfg.trainer.precision, use_distributed_sampler=False,
+    )
+    results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    metrics = {k.replace("test/", f"{split}/"): float(v) for k, v in results.items()}
+    samples = module.test_samples[: cfg.report_samples]
+    report_dir = Path(cfg.report_dir) if cfg.report_dir else run_dir / f"eval_{split}"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    source = str(cfg.ckpt_path or cfg.adapter_path)
+    (report_dir / "report.json").write_text(
+        json.dumps({"source": source, "split": split, "metrics": metrics, "samples": module.test_samples}, indent=2)
+    )
+    (report_dir / "report.md").write_text(markdown_report(run_dir, split, metrics, samples))
+    print(f"[tunelab] report written to {report_dir}/report.md", flush=True)
+    return metrics

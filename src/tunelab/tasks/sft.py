@@ -1,0 +1,133 @@
+"""Causal-LM supervised fine-tuning (task=sft).
+
+Optimizes: the mean next-token cross-entropy over response tokens only (prompt and padding labels are
+-100), ``loss = sum_t CE(logits[t], labels[t + 1]) / #supervised tokens`` per micro-batch.
+Validation (dataloader 0): the same loss averaged over all supervised tokens of the split, its perplexity
+``exp(loss)`` and next-token accuracy. Validation (dataloader 1, optional): greedy answers to the first
+``task.generation.num_samples`` prompts, scored with SacreBLEU and ROUGE-1/2/L/Lsum against references.
+Test mirrors validation under the ``test/`` prefix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from omegaconf import DictConfig
+from torchmetrics import MeanMetric
+
+from tunelab.data.tokenization import IGNORE_INDEX
+from tunelab.generation import generate_answers
+from tunelab.metrics.text import GenerationMetrics, token_accuracy
+from tunelab.tasks.optim import build_optimizer
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of ``logits[:, t]`` against ``labels[:, t + 1]`` and the supervised-token count."""
+    targets = labels[:, 1:]
+    count = (targets != IGNORE_INDEX).sum()
+    summed = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return summed / count.clamp(min=1), count
+
+
+class SFTModule(LightningModule):
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, task_cfg: DictConfig, trains_all_weights: bool):
+        super().__init__()
+        self.model, self.tokenizer, self.cfg = model, tokenizer, task_cfg
+        self.trains_all_weights = trains_all_weights
+        self.stage_metrics = torch.nn.ModuleDict(
+            {
+                stage: torch.nn.ModuleDict(
+                    {"loss": MeanMetric(), "token_acc": MeanMetric(), "text": GenerationMetrics(prefix=f"{stage}/")}
+                )
+                for stage in ("val", "test")
+            }
+        )
+        self.strict_loading = trains_all_weights
+        self.test_samples: list[dict[str, str]] = []
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _ = causal_lm_loss(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def _eval_step(self, stage: str, batch: dict[str, Any], dataloader_idx: int) -> None:
+        metrics = self.stage_metrics[stage]
+        if dataloader_idx == 0:
+            logits = self(batch["input_ids"], batch["attention_mask"])
+            loss, count = causal_lm_loss(logits, batch["labels"])
+            metrics["loss"].update(loss, weight=count)
+            metrics["token_acc"].update(token_accuracy(logits, batch["labels"]), weight=count)
+        else:
+            predictions = generate_answers(
+                self.model,
+                self.tokenizer,
+                batch["prompt_input_ids"],
+                batch["prompt_attention_mask"],
+                self.cfg.generation.max_new_tokens,
+            )
+            metrics["text"].update(predictions, batch["references"])
+            if stage == "test":
+                self.test_samples += [
+                    {"question": q, "prediction": p, "reference": r}
+                    for q, p, r in zip(batch["questions"], predictions, batch["references"], strict=True)
+                ]
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        metrics = self.stage_metrics[stage]
+        loss = metrics["loss"].compute()
+        values = {f"{stage}/loss": loss, f"{stage}/ppl": torch.exp(loss.clamp(max=50)),
+                  f"{stage}/token_acc": metrics["token_acc"].compute()}
+        if self.cfg.generation.num_samples:
+            values.update(metrics["text"].compute())
+        self.log_dict(values, prog_bar=stage == "val", sync_dist=False)
+        for metric in metrics.values():
+            metric.reset()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("test", batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return build_optimizer(self.model, self.cfg.optimizer, self.cfg.scheduler, self.total_training_steps())
+
+    def total_training_steps(self) -> int:
+        """Optimizer steps of the whole run, from the data length (never ``estimated_stepping_batches``)."""
+        trainer = self.trainer
+        per_epoch = math.ceil(trainer.datamodule.num_train_batches() / trainer.accumulate_grad_batches)
+        if trainer.max_epochs is not None and trainer.max_epochs > 0:
+            epochs_steps = per_epoch * trainer.max_epochs
+            return min(epochs_steps, trainer.max_steps) if trainer.max_steps > 0 else epochs_steps
+        return trainer.max_steps if trainer.max_steps > 0 else per_epoch
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Parameter-efficient methods checkpoint only what trains; the frozen base comes from the config."""
+        if self.trains_all_weights:
+            return
+        trainable = {name for name, param in self.named_parameters() if param.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {name for name, param in self.named_parameters() if param.requires_grad}
+        missing = sorted(trainable - set(checkpoint["state_dict"]))
+        if missing:
+            raise RuntimeError(
+                f"checkpoint lacks {len(missing)} trainable tensors of this method (e.g. {missing[0]}); "
+                "was it written with another method= or model=?"
+            )

@@ -1,0 +1,128 @@
+"""``run(cfg)``: the training pipeline behind ``python train.py``.
+
+check config -> seed -> write run info -> load model -> apply method -> data -> task module ->
+trainer -> (validate untrained) -> fit (or resume) -> test best checkpoint -> export adapter / merged model.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from tunelab.config_checks import check_config
+
+log = logging.getLogger("tunelab")
+
+
+def instantiate_callbacks(cfg: DictConfig) -> list[Any]:
+    from hydra.utils import instantiate
+
+    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+
+
+def instantiate_loggers(cfg: DictConfig) -> list[Any]:
+    from hydra.utils import instantiate
+
+    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+
+
+def build_trainer(cfg: DictConfig, model: Any, callbacks: list[Any], loggers: list[Any]) -> Any:
+    """The Lightning Trainer from ``cfg.trainer``; strategy factories get the loaded model."""
+    from hydra.utils import instantiate
+
+    strategy = cfg.trainer.strategy
+    if isinstance(strategy, DictConfig):
+        strategy = instantiate(strategy)(model=model)
+    return instantiate(cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers or False)
+
+
+def build_components(cfg: DictConfig) -> dict[str, Any]:
+    """Model (adapted by the method), tokenizer, data module and task module for ``cfg``."""
+    from tunelab.data.datamodule import SFTDataModule
+    from tunelab.methods import apply_method, parameter_report
+    from tunelab.models.loading import load_model
+    from tunelab.tasks.sft import SFTModule
+
+    loaded = load_model(cfg.model, cfg.paths.cache_dir)
+    model = apply_method(loaded.model, cfg.method)
+    report = parameter_report(model)
+    log.info("method=%s: %s", cfg.method.name, report)
+    print(f"[tunelab] method={cfg.method.name} model={cfg.model.name}: {report}", flush=True)
+    datamodule = SFTDataModule(
+        cfg.data, loaded.tokenizer, cfg.paths.cache_dir, generation_samples=cfg.task.generation.num_samples
+    )
+    module = SFTModule(model, loaded.tokenizer, cfg.task, trains_all_weights=cfg.method.name == "full")
+    return {"model": model, "tokenizer": loaded.tokenizer, "datamodule": datamodule, "module": module,
+            "parameters": report}
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Train and evaluate as configured; return the monitored metric's best value (for sweepers)."""
+    metrics, _ = train(cfg)
+    monitor = cfg.callbacks.model_checkpoint.monitor if cfg.get("callbacks") else "val/loss"
+    value = metrics.get(f"best/{monitor}")
+    return float(value) if value is not None else None
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the pipeline; return (metrics, objects) as the lightning-hydra-template does."""
+    check_config(cfg)
+    import lightning.pytorch as pl
+
+    from tunelab.export import export_adapter, export_merged
+    from tunelab.run_info import write_json, write_run_info
+
+    pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    objects = build_components(cfg)
+    callbacks, loggers = instantiate_callbacks(cfg), instantiate_loggers(cfg)
+    trainer = build_trainer(cfg, objects["model"], callbacks, loggers)
+    objects["trainer"] = trainer
+    if trainer.is_global_zero:
+        write_run_info(cfg, output_dir)
+    module, datamodule = objects["module"], objects["datamodule"]
+
+    metrics: dict[str, Any] = {"trainable_params": objects["parameters"].trainable,
+                               "total_params": objects["parameters"].total}
+    if cfg.train and cfg.validate_before_training and cfg.ckpt_path is None:
+        before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+        metrics.update({f"untrained/{k}": v for k, v in before.items()})
+    if cfg.train:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        metrics.update({k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+    checkpoint = trainer.checkpoint_callback
+    best_path = checkpoint.best_model_path if checkpoint is not None else ""
+    if best_path:
+        metrics[f"best/{checkpoint.monitor}"] = checkpoint.best_model_score
+        metrics["best_checkpoint"] = best_path
+    if cfg.test:
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)[0]
+        metrics.update(results)
+    elif best_path:
+        module.load_state_dict(_checkpoint_state(best_path), strict=module.strict_loading)
+    if trainer.is_global_zero:
+        if cfg.export.adapter:
+            metrics["adapter_dir"] = str(export_adapter(objects["model"], objects["tokenizer"], output_dir / "adapter"))
+        if cfg.export.merged:
+            metrics["merged_dir"] = str(export_merged(objects["model"], objects["tokenizer"], output_dir / "merged"))
+        metrics["data"] = datamodule.report
+        write_json(output_dir / "metrics.json", metrics)
+    _finish_loggers(loggers)
+    return metrics, objects
+
+
+def _checkpoint_state(path: str) -> dict[str, Any]:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def _finish_loggers(loggers: list[Any]) -> None:
+    """Close W&B runs so the next multirun job starts its own run."""
+    for logger in loggers:
+        experiment_finish = getattr(getattr(logger, "experiment", None), "finish", None)
+        if type(logger).__name__ == "WandbLogger" and callable(experiment_finish):
+            experiment_finish()

@@ -1,0 +1,68 @@
+"""Shared fixtures: a persistent asset cache, a small synthetic instruction file, config composition."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+os.environ.setdefault("TUNELAB_CACHE", str(ROOT / ".cache"))
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    return Path(os.environ["TUNELAB_CACHE"])
+
+
+def synthetic_pairs(count: int) -> list[dict[str, str]]:
+    """Arithmetic questions with short exact answers: easy for a tiny model to start learning."""
+    return [
+        {"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a} plus {b} is {a + b}."}
+        for a, b in ((i % 13, (7 * i) % 11) for i in range(count))
+    ]
+
+
+@pytest.fixture(scope="session")
+def alpaca_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "arith.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in synthetic_pairs(120)))
+    return path
+
+
+def tiny_overrides(alpaca_file: Path, output_dir: Path) -> list[str]:
+    """A tiny random Llama on the synthetic file; seconds per run on CPU."""
+    return [
+        "model=tiny",
+        "data=alpaca",
+        f"data.path={alpaca_file}",
+        f"paths.output_dir={output_dir}",
+        "data.val_size=16",
+        "data.test_size=16",
+        "data.max_length=64",
+        "data.batch_size=4",
+        "data.eval_batch_size=8",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1",
+        "task.optimizer.lr=3e-3",
+        "task.generation.num_samples=4",
+        "task.generation.max_new_tokens=8",
+    ]
+
+
+@pytest.fixture
+def compose_cfg() -> Callable[..., DictConfig]:
+    def _compose(overrides: list[str], config_name: str = "train") -> DictConfig:
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            return compose(config_name=config_name, overrides=overrides)
+
+    return _compose

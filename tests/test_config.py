@@ -1,0 +1,77 @@
+"""Config composition and fail-fast checks (no weights are loaded)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from tunelab.config_checks import check_config
+from tunelab.errors import ConfigError
+
+from .conftest import ROOT
+
+
+def test_llama7b_lora_medqa_fsdp_composes(compose_cfg, tmp_path):
+    cfg = compose_cfg(["method=lora", "model=llama7b", "data=medqa", "trainer=fsdp", f"paths.output_dir={tmp_path}"])
+    assert cfg.model.path == "meta-llama/Llama-2-7b-hf"
+    assert cfg.model.source == "hub" and cfg.model.dtype == "bfloat16"
+    assert cfg.method.name == "lora" and cfg.method.r == 8
+    assert cfg.trainer.strategy._target_ == "tunelab.strategies.fsdp_strategy"
+    assert cfg.trainer.precision == "bf16-mixed"
+    assert cfg.data.format == "medqa"
+    with pytest.raises(ConfigError, match=r"set data.path="):
+        check_config(cfg)
+    rendered = OmegaConf.to_yaml(cfg)
+    assert "Llama-2-7b-hf" in rendered
+
+
+def test_llama7b_chat_template_renders_inst_format(compose_cfg, tmp_path):
+    from jinja2 import Template
+
+    cfg = compose_cfg(["model=llama7b", f"paths.output_dir={tmp_path}"])
+    text = Template(cfg.model.chat_template).render(
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": "Hello"}],
+        bos_token="<s>", eos_token="</s>",
+    )
+    assert text == "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello </s>"
+
+
+@pytest.mark.parametrize("trainer", ["default", "cpu", "gpu", "ddp", "fsdp", "deepspeed"])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed", "bf16-true"])
+def test_trainer_group_composes(compose_cfg, tmp_path, trainer, precision):
+    cfg = compose_cfg([f"trainer={trainer}", f"trainer.precision={precision}", f"paths.output_dir={tmp_path}"])
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+    assert cfg.trainer.precision == precision
+
+
+def test_sixteen_bit_on_cpu_fails_with_reason(compose_cfg, tmp_path):
+    cfg = compose_cfg(["trainer=cpu", "trainer.precision=16-mixed", f"paths.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="needs a GPU"):
+        check_config(cfg)
+
+
+def test_gpu_trainer_without_gpu_fails_with_reason(compose_cfg, tmp_path):
+    cfg = compose_cfg(["trainer=gpu", f"paths.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        check_config(cfg)
+
+
+def run_train(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_unknown_group_option_lists_choices():
+    result = run_train("method=nope")
+    assert result.returncode != 0
+    assert "Could not find 'method/nope'" in result.stderr
+    assert "full" in result.stderr and "lora" in result.stderr
+
+
+def test_unknown_key_is_rejected():
+    result = run_train("method.rank=4")
+    assert result.returncode != 0
+    assert "method.rank" in result.stderr

@@ -1,0 +1,56 @@
+"""Resume: N steps in one run == k steps, stop, resume from last.ckpt for N - k steps (fp32, tiny model)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from tunelab.train import train
+
+from .conftest import tiny_overrides
+from .stopping import StopAfterSteps
+
+
+def step_losses(output_dir: Path) -> list[float]:
+    """Training losses in logged order (one per optimizer step, log_every_n_steps=1)."""
+    with open(output_dir / "metrics.csv") as handle:
+        return [float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")]
+
+
+def resume_overrides(alpaca_file: Path, output_dir: Path, max_steps: int) -> list[str]:
+    return [
+        *tiny_overrides(alpaca_file, output_dir),
+        "method=lora",
+        "method.dropout=0.1",  # dropout draws random masks: resume must restore the RNG too
+        "data.train_size=64",  # 16 batches of 4 per epoch: N=22 crosses into epoch 2
+        f"trainer.max_steps={max_steps}",
+        "trainer.max_epochs=-1",
+        "trainer.val_check_interval=5",
+        "trainer.check_val_every_n_epoch=null",
+        "task.generation.num_samples=0",
+        "task.scheduler.warmup_steps=3",
+        "callbacks.model_checkpoint.every_n_train_steps=1",
+        "validate_before_training=false",
+        "test=false",
+        "export.adapter=false",
+        "~callbacks.early_stopping",
+    ]
+
+
+@pytest.mark.parametrize("stop_at", [7, 16])
+def test_resume_reproduces_uninterrupted_losses(alpaca_file, compose_cfg, tmp_path, stop_at):
+    total = 22
+    full_dir, part_dir = tmp_path / "full", tmp_path / "part"
+    train(compose_cfg(resume_overrides(alpaca_file, full_dir, total)))
+    stop = [f"+callbacks.stop._target_={StopAfterSteps.__module__}.StopAfterSteps", f"+callbacks.stop.steps={stop_at}"]
+    train(compose_cfg([*resume_overrides(alpaca_file, part_dir, total), *stop]))
+    before_stop = step_losses(part_dir)
+    assert len(before_stop) == stop_at
+    last = part_dir / "checkpoints" / "last.ckpt"
+    train(compose_cfg([*resume_overrides(alpaca_file, part_dir, total), f"ckpt_path={last}"]))
+    uninterrupted, after_resume = step_losses(full_dir), step_losses(part_dir)
+    assert len(uninterrupted) == total
+    assert len(after_resume) == total - stop_at
+    assert before_stop + after_resume == pytest.approx(uninterrupted, abs=1e-5)

@@ -1,0 +1,152 @@
+"""End-to-end SFT on a tiny random Llama: training, checkpoints, adapter export/reload, merge, evaluate."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunelab.train import train
+
+from .conftest import tiny_overrides
+
+
+def logged(output_dir: Path, key: str) -> list[float]:
+    with open(output_dir / "metrics.csv") as handle:
+        return [float(row[key]) for row in csv.DictReader(handle) if row.get(key)]
+
+
+@pytest.fixture(scope="module")
+def lora_run(alpaca_file, tmp_path_factory):
+    from hydra import compose, initialize_config_dir
+
+    from .conftest import CONFIGS
+
+    output_dir = tmp_path_factory.mktemp("lora_run")
+    overrides = [*tiny_overrides(alpaca_file, output_dir), "method=lora", "method.r=4", "trainer.max_epochs=3",
+                 "export.merged=true"]
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    metrics, objects = train(cfg)
+    return output_dir, metrics, objects
+
+
+def test_lora_training_lowers_validation_loss(lora_run):
+    output_dir, metrics, _ = lora_run
+    assert metrics["val/loss"] < metrics["untrained/val/loss"] - 0.5
+    train_losses = logged(output_dir, "train/loss")
+    assert sum(train_losses[-5:]) / 5 < sum(train_losses[:5]) / 5
+    for key in ("val/bleu", "val/rougeL", "val/ppl", "val/token_acc", "test/loss", "test/rougeL"):
+        assert key in metrics, key
+
+
+def test_run_folder_holds_what_a_paper_table_needs(lora_run):
+    output_dir, metrics, _ = lora_run
+    info = json.loads((output_dir / "run_info.json").read_text())
+    assert info["seed"] == 42 and info["packages"]["torch"].startswith("2.13")
+    assert "commit" in info["git"]
+    assert (output_dir / "config.yaml").read_text().count("name: lora") == 1
+    assert (output_dir / "checkpoints" / "best.ckpt").exists()
+    assert (output_dir / "checkpoints" / "last.ckpt").exists()
+    saved = json.loads((output_dir / "metrics.json").read_text())
+    assert saved["test/loss"] == pytest.approx(metrics["test/loss"])
+    assert saved["data"]["train"]["examples"] == 120 - 32
+
+
+def test_lora_checkpoint_holds_only_trainable_tensors(lora_run):
+    output_dir, _, objects = lora_run
+    state = torch.load(output_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    trainable = {n for n, p in objects["module"].named_parameters() if p.requires_grad}
+    assert set(state) == trainable
+    assert all("lora_" in name for name in state)
+
+
+def fresh_tiny_base(cfg):
+    from tunelab.models.loading import load_model
+
+    return load_model(cfg.model, cfg.paths.cache_dir).model
+
+
+def sample_batch(objects):
+    batch = next(iter(objects["datamodule"].test_dataloader()[0]))
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def test_adapter_reloads_with_identical_logits(lora_run):
+    from peft import PeftModel
+
+    output_dir, _, objects = lora_run
+    cfg = objects["module"].cfg  # task cfg; the full cfg comes from the run folder
+    from omegaconf import OmegaConf
+
+    run_cfg = OmegaConf.load(output_dir / "config.yaml")
+    input_ids, attention_mask = sample_batch(objects)
+    trained = objects["model"].eval()
+    reloaded = PeftModel.from_pretrained(fresh_tiny_base(run_cfg), output_dir / "adapter").eval()
+    with torch.no_grad():
+        expected = trained(input_ids=input_ids, attention_mask=attention_mask).logits
+        actual = reloaded(input_ids=input_ids, attention_mask=attention_mask).logits
+        base = fresh_tiny_base(run_cfg)(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert cfg.name == "sft"
+    assert torch.equal(actual, expected)
+    assert not torch.allclose(base, expected, atol=1e-3)
+
+
+def test_merged_export_matches_adapter_logits(lora_run):
+    from transformers import AutoModelForCausalLM
+
+    output_dir, _, objects = lora_run
+    input_ids, attention_mask = sample_batch(objects)
+    merged = AutoModelForCausalLM.from_pretrained(output_dir / "merged").eval()
+    with torch.no_grad():
+        expected = objects["model"].eval()(input_ids=input_ids, attention_mask=attention_mask).logits
+        actual = merged(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)
+
+
+def test_evaluate_writes_report(lora_run, compose_cfg, tmp_path):
+    from tunelab.evaluate import evaluate
+
+    output_dir, metrics, _ = lora_run
+    cfg = compose_cfg(
+        [f"ckpt_path={output_dir / 'checkpoints' / 'best.ckpt'}", f"report_dir={tmp_path}",
+         "generation.num_samples=4", "generation.max_new_tokens=8", "report_samples=2"],
+        config_name="evaluate",
+    )
+    result = evaluate(cfg)
+    assert result["test/loss"] == pytest.approx(metrics["test/loss"], abs=1e-5)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(report["samples"]) == 4 and report["samples"][0]["reference"]
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| test/rougeL |" in markdown and markdown.count("**reference:**") == 2
+
+
+def test_evaluate_from_exported_adapter_matches_checkpoint(lora_run, compose_cfg, tmp_path):
+    from tunelab.evaluate import evaluate
+
+    output_dir, metrics, _ = lora_run
+    cfg = compose_cfg(
+        [f"adapter_path={output_dir / 'adapter'}", f"report_dir={tmp_path}", "generation.num_samples=0"],
+        config_name="evaluate",
+    )
+    assert evaluate(cfg)["test/loss"] == pytest.approx(metrics["test/loss"], abs=1e-5)
+
+
+def test_full_finetuning_trains_every_weight(alpaca_file, compose_cfg, tmp_path):
+    cfg = compose_cfg([*tiny_overrides(alpaca_file, tmp_path), "method=full", "trainer.max_epochs=2",
+                       "task.optimizer.lr=1e-3", "task.generation.num_samples=0"])
+    metrics, objects = train(cfg)
+    assert metrics["trainable_params"] == metrics["total_params"]
+    assert metrics["val/loss"] < metrics["untrained/val/loss"] - 0.5
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    input_ids, attention_mask = sample_batch(objects)
+    with torch.no_grad():
+        expected = objects["model"].eval()(input_ids=input_ids, attention_mask=attention_mask).logits
+        actual = exported.eval()(input_ids=input_ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
