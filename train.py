@@ -5,8 +5,8 @@ import os
 # Idle OpenMP threads spin by default, which makes CPU step times swing 2.5-25 s; passive waiting is steady.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+import hydra
+from omegaconf import DictConfig
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

@@ -33,9 +33,13 @@ def test_llama7b_chat_template_renders_inst_format(compose_cfg, tmp_path):
 
     cfg = compose_cfg(["model=llama7b", f"paths.output_dir={tmp_path}"])
     text = Template(cfg.model.chat_template).render(
-        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                  {"role": "assistant", "content": "Hello"}],
-        bos_token="<s>", eos_token="</s>",
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+        ],
+        bos_token="<s>",
+        eos_token="</s>",
     )
     assert text == "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello </s>"
 

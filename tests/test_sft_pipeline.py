@@ -26,8 +26,13 @@ def lora_run(alpaca_file, tmp_path_factory):
     from .conftest import CONFIGS
 
     output_dir = tmp_path_factory.mktemp("lora_run")
-    overrides = [*tiny_overrides(alpaca_file, output_dir), "method=lora", "method.r=4", "trainer.max_epochs=3",
-                 "export.merged=true"]
+    overrides = [
+        *tiny_overrides(alpaca_file, output_dir),
+        "method=lora",
+        "method.r=4",
+        "trainer.max_epochs=3",
+        "export.merged=true",
+    ]
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     metrics, objects = train(cfg)
@@ -113,8 +118,13 @@ def test_evaluate_writes_report(lora_run, compose_cfg, tmp_path):
 
     output_dir, metrics, _ = lora_run
     cfg = compose_cfg(
-        [f"ckpt_path={output_dir / 'checkpoints' / 'best.ckpt'}", f"report_dir={tmp_path}",
-         "generation.num_samples=4", "generation.max_new_tokens=8", "report_samples=2"],
+        [
+            f"ckpt_path={output_dir / 'checkpoints' / 'best.ckpt'}",
+            f"report_dir={tmp_path}",
+            "generation.num_samples=4",
+            "generation.max_new_tokens=8",
+            "report_samples=2",
+        ],
         config_name="evaluate",
     )
     result = evaluate(cfg)
@@ -137,8 +147,15 @@ def test_evaluate_from_exported_adapter_matches_checkpoint(lora_run, compose_cfg
 
 
 def test_full_finetuning_trains_every_weight(alpaca_file, compose_cfg, tmp_path):
-    cfg = compose_cfg([*tiny_overrides(alpaca_file, tmp_path), "method=full", "trainer.max_epochs=2",
-                       "task.optimizer.lr=1e-3", "task.generation.num_samples=0"])
+    cfg = compose_cfg(
+        [
+            *tiny_overrides(alpaca_file, tmp_path),
+            "method=full",
+            "trainer.max_epochs=2",
+            "task.optimizer.lr=1e-3",
+            "task.generation.num_samples=0",
+        ]
+    )
     metrics, objects = train(cfg)
     assert metrics["trainable_params"] == metrics["total_params"]
     assert metrics["val/loss"] < metrics["untrained/val/loss"] - 0.5

@@ -50,8 +50,14 @@ def markdown_report(run_dir: Path, split: str, metrics: dict[str, float], sample
     lines += [f"| {name} | {value:.4f} |" for name, value in sorted(metrics.items())]
     lines += ["", "## Sample generations", ""]
     for i, sample in enumerate(samples, 1):
-        lines += [f"### {i}. {sample['question']}", "", f"**model:** {sample['prediction']}", "",
-                  f"**reference:** {sample['reference']}", ""]
+        lines += [
+            f"### {i}. {sample['question']}",
+            "",
+            f"**model:** {sample['prediction']}",
+            "",
+            f"**reference:** {sample['reference']}",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -80,8 +86,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if split == "val":
         datamodule.test_dataloader = datamodule.val_dataloader
     trainer = pl.Trainer(
-        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, logger=False,
-        precision=cfg.trainer.precision or run_cfg.trainer.precision, use_distributed_sampler=False,
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        logger=False,
+        precision=cfg.trainer.precision or run_cfg.trainer.precision,
+        use_distributed_sampler=False,
     )
     results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     metrics = {k.replace("test/", f"{split}/"): float(v) for k, v in results.items()}

@@ -21,7 +21,11 @@ def wandb_has_credentials() -> bool:
 
 
 def wandb_logger(
-    project: str, name: str, save_dir: str, mode: str = "auto", group: str | None = None,
+    project: str,
+    name: str,
+    save_dir: str,
+    mode: str = "auto",
+    group: str | None = None,
     tags: list[str] | None = None,
 ) -> Any:
     """A Lightning ``WandbLogger``; ``mode=auto`` logs online with credentials and offline without."""
@@ -33,6 +37,11 @@ def wandb_logger(
         mode = os.environ.get("WANDB_MODE") or ("online" if wandb_has_credentials() else "offline")
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     return WandbLogger(
-        project=project, name=name, save_dir=save_dir, group=group, tags=list(tags or []), mode=mode,
+        project=project,
+        name=name,
+        save_dir=save_dir,
+        group=group,
+        tags=list(tags or []),
+        mode=mode,
         offline=mode == "offline",
     )

@@ -14,13 +14,25 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 PACKAGES = (
-    "torch", "lightning", "transformers", "peft", "hydra-core", "datasets", "torchmetrics", "bitsandbytes",
-    "accelerate", "sacrebleu", "rouge-score", "wandb", "tunelab",
+    "torch",
+    "lightning",
+    "transformers",
+    "peft",
+    "hydra-core",
+    "datasets",
+    "torchmetrics",
+    "bitsandbytes",
+    "accelerate",
+    "sacrebleu",
+    "rouge-score",
+    "wandb",
+    "tunelab",
 )
 
 
 def git_revision(cwd: Path | None = None) -> dict[str, Any]:
     """The commit and whether the work tree had uncommitted changes (``None`` outside a git checkout)."""
+
     def git(*args: str) -> str | None:
         try:
             return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
@@ -61,6 +73,7 @@ def write_run_info(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` as indented JSON, turning tensors into floats."""
+
     def plain(value: Any) -> Any:
         return value.item() if hasattr(value, "item") else value
 

@@ -55,8 +55,13 @@ def build_components(cfg: DictConfig) -> dict[str, Any]:
         cfg.data, loaded.tokenizer, cfg.paths.cache_dir, generation_samples=cfg.task.generation.num_samples
     )
     module = SFTModule(model, loaded.tokenizer, cfg.task, trains_all_weights=cfg.method.name == "full")
-    return {"model": model, "tokenizer": loaded.tokenizer, "datamodule": datamodule, "module": module,
-            "parameters": report}
+    return {
+        "model": model,
+        "tokenizer": loaded.tokenizer,
+        "datamodule": datamodule,
+        "module": module,
+        "parameters": report,
+    }
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -85,8 +90,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         write_run_info(cfg, output_dir)
     module, datamodule = objects["module"], objects["datamodule"]
 
-    metrics: dict[str, Any] = {"trainable_params": objects["parameters"].trainable,
-                               "total_params": objects["parameters"].total}
+    metrics: dict[str, Any] = {
+        "trainable_params": objects["parameters"].trainable,
+        "total_params": objects["parameters"].total,
+    }
     if cfg.train and cfg.validate_before_training and cfg.ckpt_path is None:
         before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         metrics.update({f"untrained/{k}": v for k, v in before.items()})

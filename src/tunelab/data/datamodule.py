@@ -55,9 +55,7 @@ def split_size(value: float | int | None, total: int, name: str) -> int:
     return int(value)
 
 
-def seeded_split(
-    examples: list[ChatExample], data_cfg: DictConfig
-) -> dict[str, list[ChatExample]]:
+def seeded_split(examples: list[ChatExample], data_cfg: DictConfig) -> dict[str, list[ChatExample]]:
     """Shuffle once with ``split_seed`` and cut test / val / train (see module docstring)."""
     generator = torch.Generator().manual_seed(data_cfg.split_seed)
     order = torch.randperm(len(examples), generator=generator).tolist()
@@ -66,8 +64,7 @@ def seeded_split(
     n_val = split_size(data_cfg.val_size, len(shuffled), "val_size")
     if n_test + n_val >= len(shuffled):
         raise ConfigError(
-            f"data.test_size + data.val_size = {n_test + n_val} leaves no training examples "
-            f"out of {len(shuffled)}"
+            f"data.test_size + data.val_size = {n_test + n_val} leaves no training examples out of {len(shuffled)}"
         )
     train = shuffled[n_test + n_val :]
     return {
@@ -118,9 +115,14 @@ class SFTDataModule(LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
+    def _loader_generator(self) -> torch.Generator:
+        """A private generator for the DataLoader's worker base seed: starting an epoch must not draw from
+        the global RNG, or dropout masks after a resume would differ from an uninterrupted run."""
+        return torch.Generator().manual_seed(self.cfg.seed)
+
     def num_train_batches(self) -> int:
         """Batches per epoch on this rank (all ranks see the same number)."""
-        rank, world = self._rank_and_world()
+        _rank, world = self._rank_and_world()
         per_rank = math.ceil(len(self.splits["train"]) / world)
         return math.ceil(per_rank / self.cfg.batch_size)
 
@@ -138,6 +140,7 @@ class SFTDataModule(LightningDataModule):
             sampler=self._sampler,
             collate_fn=TrainingCollator(self.tokenizer.pad_token_id, self.cfg.pad_to_multiple_of),
             num_workers=self.cfg.num_workers,
+            generator=self._loader_generator(),
         )
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
@@ -148,6 +151,7 @@ class SFTDataModule(LightningDataModule):
             batch_size=self.cfg.eval_batch_size,
             sampler=ResumableSampler(len(items), shuffle=False, seed=0, rank=rank, world_size=world, pad=False),
             collate_fn=TrainingCollator(self.tokenizer.pad_token_id, self.cfg.pad_to_multiple_of),
+            generator=self._loader_generator(),
         )
         if not self.generation_samples:
             return [loss_loader]
@@ -157,6 +161,7 @@ class SFTDataModule(LightningDataModule):
             batch_size=self.cfg.eval_batch_size,
             sampler=ResumableSampler(len(prompts), shuffle=False, seed=0, rank=rank, world_size=world, pad=False),
             collate_fn=GenerationCollator(self.tokenizer.pad_token_id),
+            generator=self._loader_generator(),
         )
         return [loss_loader, generation_loader]
 

@@ -1,14 +1,16 @@
 """Converters from published data formats to ``(prompt messages, response)``.
 
-Each converter takes one row (a mapping) and raises :class:`tunelab.errors.DataError` naming the field on a
-missing field, a wrong type, an empty answer or an unknown role; the loader adds the file and line.
+Each converter takes one row (a mapping, as ``datasets`` yields it) and raises
+:class:`tunelab.errors.DataError` naming the field on a missing field, a wrong type, an empty answer or an
+unknown role; the loader adds the file and line. A field whose value is ``None`` counts as missing
+(``datasets`` fills the fields a json line lacks with ``None``).
 
 - ``alpaca``: ``instruction`` (+ optional ``input``, appended after a blank line; optional ``system``) ->
   ``output``.
-- ``messages``: ``messages`` = [{role, content}] or ShareGPT ``conversations`` = [{from, value}]; the last
-  turn must be the assistant's (supervised), the turn before it the user's.
-- ``medqa``: ``question`` + ``options`` (dict letter -> text, or a list) + ``answer_idx`` (-> ``answer``):
-  the response is ``"<letter>. <option text>"``.
+- ``messages``: ``messages`` = [{role, content}] or ShareGPT ``conversations`` = [{from, value}] with
+  ``from`` in human / gpt / system; the last turn is the assistant's answer, the turn before it the user's.
+- ``medqa``: ``question`` + ``options`` (letter -> text, or a list of texts lettered A, B, ...) +
+  ``answer_idx`` (checked against ``answer`` when present) -> ``"<letter>. <option text>"``.
 """
 
 from __future__ import annotations
@@ -21,100 +23,108 @@ from tunelab.errors import DataError
 
 Message = dict[str, str]
 Converted = tuple[tuple[Message, ...], str]
+Converter = Callable[[Mapping[str, Any]], Converted]
+
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+# conversation field -> (role key, content key, accepted role names -> our roles)
+CHAT_STYLES: dict[str, tuple[str, str, dict[str, str]]] = {
+    "messages": ("role", "content", {role: role for role in ROLES}),
+    "conversations": ("from", "value", {"human": "user", "gpt": "assistant", "system": "system"}),
+}
 MEDQA_INSTRUCTION = "Answer with the letter and the text of the correct option."
 
 
-def required_text(row: Mapping[str, Any], field: str) -> str:
-    """The stripped, non-empty string in ``row[field]``."""
-    value = row.get(field)
-    if value is None:
-        raise DataError("missing field", field=field)
-    if not isinstance(value, str):
-        raise DataError(f"expected a string, got {type(value).__name__}", field=field)
-    if not value.strip():
-        raise DataError("empty text", field=field)
-    return value.strip()
+def get_text(container: Mapping[str, Any], key: str, field: str | None = None, *, required: bool = True) -> str:
+    """``container[key]`` as a string; ``None`` or absent is a missing field (``""`` when not required).
 
-
-def optional_text(row: Mapping[str, Any], field: str) -> str:
-    value = row.get(field)
+    ``field`` names the value in errors (default: ``key``), e.g. ``messages[2].content``.
+    """
+    field = field or key
+    value = container.get(key)
     if value is None:
+        if required:
+            raise DataError("missing field", field=field)
         return ""
     if not isinstance(value, str):
         raise DataError(f"expected a string, got {type(value).__name__}", field=field)
-    return value.strip()
+    return value
+
+
+def non_blank(text: str, field: str, what: str = "answer") -> str:
+    """``text`` stripped; an empty or whitespace-only text is an error naming ``field``."""
+    if not text.strip():
+        raise DataError(f"empty {what} (blank or whitespace only)", field=field)
+    return text.strip()
 
 
 def convert_alpaca(row: Mapping[str, Any]) -> Converted:
-    instruction = required_text(row, "instruction")
-    extra = optional_text(row, "input")
-    system = optional_text(row, "system")
+    """Alpaca: instruction (+ input after a blank line) as the user turn, optional system, output."""
+    instruction = non_blank(get_text(row, "instruction"), "instruction", "instruction")
+    extra = get_text(row, "input", required=False).strip()
+    system = get_text(row, "system", required=False).strip()
     user = f"{instruction}\n\n{extra}" if extra else instruction
     prompt = ({"role": "system", "content": system},) if system else ()
-    return (*prompt, {"role": "user", "content": user}), required_text(row, "output")
+    return (*prompt, {"role": "user", "content": user}), non_blank(get_text(row, "output"), "output")
 
 
 def convert_messages(row: Mapping[str, Any]) -> Converted:
-    field, role_key, content_key = "messages", "role", "content"
-    if row.get("messages") is None and row.get("conversations") is not None:
-        field, role_key, content_key = "conversations", "from", "value"
+    """Chat turns (``messages`` or ShareGPT ``conversations``): all but the last are the prompt."""
+    field = "conversations" if row.get("messages") is None and row.get("conversations") is not None else "messages"
+    role_key, content_key, roles = CHAT_STYLES[field]
     turns = row.get(field)
+    if turns is None:
+        raise DataError("missing field (or ShareGPT 'conversations')", field=field)
     if not isinstance(turns, list) or not turns:
-        raise DataError("expected a non-empty list of turns", field="messages")
+        raise DataError("expected a non-empty list of turns", field=field)
     messages: list[Message] = []
     for index, turn in enumerate(turns):
         where = f"{field}[{index}]"
         if not isinstance(turn, Mapping):
-            raise DataError(f"expected an object, got {type(turn).__name__}", field=where)
-        raw_role = turn.get(role_key)
-        role = SHAREGPT_ROLES.get(raw_role) if field == "conversations" else raw_role
-        if role not in ROLES:
-            raise DataError(f"unknown role {raw_role!r}; expected one of {list(ROLES)}", field=f"{where}.{role_key}")
-        content = turn.get(content_key)
-        if not isinstance(content, str):
-            raise DataError("missing or non-string content", field=f"{where}.{content_key}")
-        messages.append({"role": role, "content": content})
-    if messages[-1]["role"] != "assistant":
-        raise DataError("the last turn must be the assistant's answer", field=f"{field}[{len(messages) - 1}]")
-    if not messages[-1]["content"].strip():
-        raise DataError("empty answer", field=f"{field}[{len(messages) - 1}].{content_key}")
-    if len(messages) < 2 or messages[-2]["role"] != "user":
-        raise DataError("the turn before the answer must be the user's", field=field)
-    return tuple(messages[:-1]), messages[-1]["content"].strip()
+            raise DataError(f"expected an object with {role_key!r} and {content_key!r}", field=where)
+        role = turn.get(role_key)
+        if role not in roles:
+            raise DataError(f"unknown role {role!r}; expected one of {list(roles)}", field=f"{where}.{role_key}")
+        content = get_text(turn, content_key, f"{where}.{content_key}")
+        messages.append({"role": roles[role], "content": content})
+    *prompt, last = messages
+    last_field = f"{field}[{len(messages) - 1}]"
+    if last["role"] != "assistant":
+        raise DataError(f"the last turn must be the assistant's answer, got {last['role']!r}", field=last_field)
+    if not prompt or prompt[-1]["role"] != "user":
+        raise DataError("the turn before the assistant's answer must be the user's", field=field)
+    return tuple(prompt), non_blank(last["content"], f"{last_field}.{content_key}")
 
 
 def medqa_options(row: Mapping[str, Any]) -> dict[str, str]:
+    """Letter -> stripped option text; a list is lettered A, B, ...; ``None`` values are absent options
+    (arrow fills the letters other rows have with ``None``)."""
     options = row.get("options")
-    if isinstance(options, list):
+    if isinstance(options, list) and len(options) <= len(string.ascii_uppercase):
         options = dict(zip(string.ascii_uppercase, options, strict=False))
     if not isinstance(options, Mapping) or not options:
-        raise DataError("expected a non-empty object of letter -> option text", field="options")
-    cleaned = {}
-    for key, text in options.items():
-        if text is None:
-            continue
-        if not isinstance(text, str) or not text.strip():
-            raise DataError("empty option text", field=f"options.{key}")
-        cleaned[str(key)] = text.strip()
-    return cleaned
+        raise DataError("expected a non-empty object of letter -> text, or a list of up to 26 texts", field="options")
+    return {
+        str(key): non_blank(get_text(options, key, f"options.{key}"), f"options.{key}", "option text")
+        for key, text in options.items()
+        if text is not None
+    }
 
 
 def convert_medqa(row: Mapping[str, Any]) -> Converted:
-    question = required_text(row, "question")
+    """MedQA: the question and lettered options as the user turn; ``"<answer_idx>. <option>"``."""
+    question = non_blank(get_text(row, "question"), "question", "question")
     options = medqa_options(row)
-    answer_idx = required_text(row, "answer_idx")
+    answer_idx = get_text(row, "answer_idx").strip()
     if answer_idx not in options:
-        raise DataError(f"{answer_idx!r} is not an option; valid keys: {sorted(options)}", field="answer_idx")
-    answer = optional_text(row, "answer")
+        raise DataError(f"{answer_idx!r} is not an option; valid keys: {list(options)}", field="answer_idx")
+    answer = get_text(row, "answer", required=False).strip()
     if answer and answer != options[answer_idx]:
-        raise DataError(f"{answer!r} differs from options[{answer_idx!r}] = {options[answer_idx]!r}", field="answer")
-    lines = [question, "", *(f"{key}. {text}" for key, text in options.items()), "", MEDQA_INSTRUCTION]
+        raise DataError(f"{answer!r} does not match options[{answer_idx!r}] = {options[answer_idx]!r}", field="answer")
+    lines = [question, *(f"{key}. {text}" for key, text in options.items()), MEDQA_INSTRUCTION]
     return ({"role": "user", "content": "\n".join(lines)},), f"{answer_idx}. {options[answer_idx]}"
 
 
-FORMATS: dict[str, Callable[[Mapping[str, Any]], Converted]] = {
+FORMATS: dict[str, Converter] = {
     "alpaca": convert_alpaca,
     "messages": convert_messages,
     "medqa": convert_medqa,

@@ -1,15 +1,21 @@
 """Load local data files with ``datasets`` and convert every record into a :class:`ChatExample`.
 
-Errors name the file, the line (json lines) or record number (csv / parquet / json array) and the field.
-``on_error="fail"`` stops at the first bad record; ``"skip"`` drops bad records, counts them and warns.
+Supported files: ``.jsonl`` / ``.json`` (json lines, or one json array), ``.csv`` (every column read as
+text) and ``.parquet``. Errors name the file, the line (json lines) or record number (csv, parquet, json
+array) and the field. ``on_error="fail"`` stops at the first bad record; ``"skip"`` drops bad records,
+lists them in :attr:`LoadResult.skipped` and warns. A file that cannot be parsed at all (e.g. a malformed
+json line) fails under both policies: the error names its first bad line.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tunelab.data.formats import FORMATS
 from tunelab.data.records import ChatExample
@@ -19,6 +25,7 @@ log = logging.getLogger("tunelab.data")
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 ON_ERROR = ("fail", "skip")
+WARN_REASONS = 3  # skipped-record reasons quoted in the warning
 
 
 @dataclass
@@ -27,67 +34,133 @@ class LoadResult:
     skipped: list[str] = field(default_factory=list)  # one located message per skipped record
 
 
-def first_invalid_json_line(path: Path) -> DataError | None:
-    """The first line of a json-lines file that does not parse, as a located error."""
-    with open(path, encoding="utf-8") as handle:
-        for number, text in enumerate(handle, 1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as error:
-                return DataError(f"invalid JSON: {error.msg} (column {error.colno})", file=str(path), line=number)
-            if not isinstance(row, dict):
-                return DataError(f"expected a JSON object, got {type(row).__name__}", file=str(path), line=number)
+def no_examples(path: Path, skipped: list[str] | None = None) -> DataError:
+    detail = f" ({len(skipped)} bad record(s) skipped, first: {skipped[0]})" if skipped else ""
+    return DataError(f"no usable examples in {path}{detail}")
+
+
+def nonblank_lines(path: Path) -> Iterable[tuple[int, bytes]]:
+    """(1-based line number, line) for the non-blank lines: the records of a json-lines file, in order."""
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                yield number, line
+
+
+def is_json_array(path: Path) -> bool:
+    """Whether a .json/.jsonl file holds one json array (else it is read as json lines)."""
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 16).removeprefix(b"\xef\xbb\xbf").lstrip()
+    return head.startswith(b"[")
+
+
+def invalid_json(path: Path, error: ValueError, line: int | None) -> DataError:
+    """A located "invalid JSON" error; ``line`` defaults to the decoder's line (json array files)."""
+    if isinstance(error, json.JSONDecodeError):
+        line = error.lineno if line is None else line
+        return DataError(f"invalid JSON: {error.msg} (column {error.colno})", file=str(path), line=line)
+    return DataError(f"invalid JSON: {error}", file=str(path), line=line)  # e.g. not utf-8
+
+
+def locate_json_error(path: Path, json_lines: bool) -> DataError | None:
+    """The first unparseable json line (or the position in a json array), or ``None`` if it all parses."""
+    if not json_lines:
+        try:
+            rows = json.loads(path.read_bytes())
+        except ValueError as error:
+            return invalid_json(path, error, None)
+        return no_examples(path) if rows == [] else None
+    for number, line in nonblank_lines(path):
+        try:
+            row = json.loads(line)
+        except ValueError as error:
+            return invalid_json(path, error, number)
+        if not isinstance(row, dict):
+            return DataError(f"expected a JSON object, got {type(row).__name__}", file=str(path), line=number)
     return None
 
 
-def line_numbers(path: Path) -> list[int]:
-    """1-based line numbers of the non-blank lines of a json-lines file (record i -> line)."""
-    with open(path, encoding="utf-8") as handle:
-        return [number for number, text in enumerate(handle, 1) if text.strip()]
+def csv_columns(path: Path) -> list[str]:
+    """The header of a csv file; a file without data rows has no usable examples."""
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None or not any(reader):
+            raise no_examples(path)
+    return header
 
 
-def read_rows(path: Path) -> list[dict]:
-    """The file's records as dicts, via ``datasets``; malformed json lines are reported by line."""
+def parquet_is_empty(path: Path) -> bool:
+    """Whether a parquet file has no rows (``False`` when unreadable: ``datasets`` then says why)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(path).num_rows == 0
+    except pa.ArrowException:
+        return False
+
+
+def read_records(path: Path, cache_dir: str | Path | None) -> tuple[Any, list[int] | None]:
+    """The file's records (a ``datasets.Dataset``) and, for json lines, each record's line number."""
     import datasets
 
-    if not path.exists():
+    if not path.is_file():
         raise DataError("file not found", file=str(path))
     builder = BUILDERS.get(path.suffix.lower())
     if builder is None:
-        raise DataError(f"unsupported file type; expected one of {sorted(BUILDERS)}", file=str(path))
+        raise DataError(f"unsupported file type {path.suffix!r}; expected one of {list(BUILDERS)}", file=str(path))
     if path.stat().st_size == 0:
-        return []
-    datasets.disable_progress_bars()
+        raise no_examples(path)
+    json_lines = builder == "json" and not is_json_array(path)
+    lines = [number for number, _ in nonblank_lines(path)] if json_lines else None
+    if lines == [] or (builder == "parquet" and parquet_is_empty(path)):
+        raise no_examples(path)
+    options: dict[str, Any] = {}
+    if builder == "csv":  # text as written: no number parsing, an empty cell is ""
+        columns = csv_columns(path)
+        options = {"features": datasets.Features(dict.fromkeys(columns, datasets.Value("string")))}
+        options["keep_default_na"] = False
     try:
-        table = datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as error:
-        if path.suffix.lower() != ".jsonl":
-            raise DataError(f"cannot read: {error}", file=str(path)) from error
-        located = first_invalid_json_line(path)
-        if located is not None:
-            raise located from error
-        # every line parses but arrow could not unify the types: read them as-is, the converter names the field
-        with open(path, encoding="utf-8") as handle:
-            return [json.loads(text) for text in handle if text.strip()]
-    return table.to_list()
+        dataset = datasets.load_dataset(
+            builder,
+            data_files=str(path),
+            split="train",
+            cache_dir=str(cache_dir) if cache_dir else None,
+            **options,
+        )
+    except Exception as error:  # datasets raises its own, pyarrow's or pandas' errors depending on the reader
+        located = locate_json_error(path, json_lines) if builder == "json" else None
+        raise located or DataError(f"cannot read as {builder}: {error.__cause__ or error}", file=str(path)) from error
+    return dataset, lines
 
 
-def load_examples(path: str | Path, fmt: str, *, on_error: str = "fail", limit: int | None = None) -> LoadResult:
-    """Convert every record of ``path`` (format ``fmt``) into a ChatExample; see the module docstring."""
+def load_examples(
+    path: str | Path,
+    fmt: str,
+    *,
+    on_error: str = "fail",
+    limit: int | None = None,
+    cache_dir: str | Path | None = None,
+) -> LoadResult:
+    """Convert the records of ``path`` with the ``fmt`` converter (see ``FORMATS``) into ChatExamples.
+
+    ``on_error``: ``"fail"`` raises the first bad record's DataError; ``"skip"`` collects it in ``skipped``.
+    ``limit`` keeps the first ``limit`` good examples. ``cache_dir`` is the ``datasets`` cache (default: its
+    own). Raises DataError when no example is usable.
+    """
     if fmt not in FORMATS:
-        raise DataError(f"unknown data format {fmt!r}; expected one of {sorted(FORMATS)}")
+        raise DataError(f"unknown data format {fmt!r}; expected one of {list(FORMATS)}")
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error={on_error!r} is not one of {list(ON_ERROR)}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit} must be None or >= 1")
     path = Path(path)
-    rows = read_rows(path)
-    lines = line_numbers(path) if path.suffix.lower() == ".jsonl" else None
+    records, lines = read_records(path, cache_dir)
     convert = FORMATS[fmt]
     result = LoadResult(examples=[])
-    for index, row in enumerate(rows):
-        line = lines[index] if lines else None
-        record = None if lines else index + 1
+    for index, row in enumerate(records):
+        line, record = (lines[index], None) if lines else (None, index + 1)
         try:
             prompt, response = convert(row)
         except DataError as error:
@@ -96,12 +169,17 @@ def load_examples(path: str | Path, fmt: str, *, on_error: str = "fail", limit: 
                 raise located from None
             result.skipped.append(str(located))
             continue
-        source = f"{path}, line {line}" if line else f"{path}, record {record}"
+        source = f"{path}:{line}" if line else f"{path}:record {record}"
         result.examples.append(ChatExample(prompt=prompt, response=response, source=source))
-        if limit is not None and len(result.examples) >= limit:
+        if limit is not None and len(result.examples) == limit:
             break
     if result.skipped:
-        log.warning("Skipped %d bad records of %s; first: %s", len(result.skipped), path, result.skipped[0])
+        log.warning(
+            "Skipped %d bad record(s) of %s, e.g.: %s",
+            len(result.skipped),
+            path,
+            "; ".join(result.skipped[:WARN_REASONS]),
+        )
     if not result.examples:
-        raise DataError("no usable examples", file=str(path))
+        raise no_examples(path, result.skipped)
     return result

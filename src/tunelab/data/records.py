@@ -9,6 +9,6 @@ from dataclasses import dataclass
 class ChatExample:
     """One supervised example: the conversation so far (prompt) and the assistant answer to learn."""
 
-    prompt: tuple[dict[str, str], ...]  # {"role": system|user|assistant, "content": str}; ends with a user turn
+    prompt: tuple[dict[str, str], ...]  # {"role": system|user|assistant, "content": str}; ends with user
     response: str  # non-empty assistant answer: the only supervised text
-    source: str  # "path, line N" or "path, record N", for error messages
+    source: str  # "path:line" (json lines) or "path:record N" (csv, parquet, json array), for errors

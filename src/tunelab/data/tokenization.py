@@ -73,6 +73,10 @@ def encode_examples(
             raise DataError(f"prompt is longer than the context (data.max_length={max_length})", file=example.source)
         dropped.append(reason)
     if dropped:
-        log.warning("Dropped %d of %d examples with no supervised token left; first: %s",
-                    len(dropped), len(examples), dropped[0])
+        log.warning(
+            "Dropped %d of %d examples with no supervised token left; first: %s",
+            len(dropped),
+            len(examples),
+            dropped[0],
+        )
     return encoded, dropped

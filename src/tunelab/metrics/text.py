@@ -107,9 +107,7 @@ class GenerationMetrics(torch.nn.Module):
     def update(self, predictions: Sequence[str], references: Sequence[str]) -> None:
         """Accumulate a batch of generated answers, one reference string per prediction."""
         if len(predictions) != len(references):
-            raise ValueError(
-                f"got {len(predictions)} predictions but {len(references)} references (need one each)"
-            )
+            raise ValueError(f"got {len(predictions)} predictions but {len(references)} references (need one each)")
         self.bleu.update(predictions, [[ref] for ref in references])
         self.rouge.update(predictions, references)
 

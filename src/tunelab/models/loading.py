@@ -105,9 +105,7 @@ def load_model(model_cfg: DictConfig, cache_dir: str | Path, *, quantization_con
         model_type = config_kwargs.pop("model_type")
         config = AutoConfig.for_model(model_type, **config_kwargs)
         torch.manual_seed(model_cfg.get("init_seed", 0))
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=dtype, attn_implementation=model_cfg.attn_implementation
-        )
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=model_cfg.attn_implementation)
         name_or_path = f"random_init:{model_type}"
     else:
         name_or_path = resolve_checkpoint_dir(model_cfg, cache_dir)
@@ -120,6 +118,7 @@ def load_model(model_cfg: DictConfig, cache_dir: str | Path, *, quantization_con
             attn_implementation=model_cfg.attn_implementation,
             quantization_config=quantization_config,
         )
+    model.train()  # from_pretrained returns eval mode; Lightning expects every module to train
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if model_cfg.gradient_checkpointing:

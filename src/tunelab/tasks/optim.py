@@ -36,8 +36,9 @@ def warmup_steps(scheduler_cfg: DictConfig, total_steps: int) -> int:
     return int(scheduler_cfg.get("warmup_ratio", 0.0) * total_steps)
 
 
-def build_optimizer(model: torch.nn.Module, optimizer_cfg: DictConfig, scheduler_cfg: DictConfig,
-                    total_steps: int) -> dict[str, Any]:
+def build_optimizer(
+    model: torch.nn.Module, optimizer_cfg: DictConfig, scheduler_cfg: DictConfig, total_steps: int
+) -> dict[str, Any]:
     """Lightning's ``configure_optimizers`` return value: AdamW + a per-step schedule."""
     from transformers import get_scheduler
 
@@ -46,9 +47,7 @@ def build_optimizer(model: torch.nn.Module, optimizer_cfg: DictConfig, scheduler
     groups = parameter_groups(model, optimizer_cfg.weight_decay)
     if not any(group["params"] for group in groups):
         raise ConfigError("no trainable parameters: the method froze everything")
-    optimizer = torch.optim.AdamW(
-        groups, lr=optimizer_cfg.lr, betas=tuple(optimizer_cfg.betas), eps=optimizer_cfg.eps
-    )
+    optimizer = torch.optim.AdamW(groups, lr=optimizer_cfg.lr, betas=tuple(optimizer_cfg.betas), eps=optimizer_cfg.eps)
     name = "constant_with_warmup" if scheduler_cfg.name == "constant" else scheduler_cfg.name
     scheduler = get_scheduler(
         name, optimizer, num_warmup_steps=warmup_steps(scheduler_cfg, total_steps), num_training_steps=total_steps

@@ -84,8 +84,11 @@ class SFTModule(LightningModule):
     def _eval_epoch_end(self, stage: str) -> None:
         metrics = self.stage_metrics[stage]
         loss = metrics["loss"].compute()
-        values = {f"{stage}/loss": loss, f"{stage}/ppl": torch.exp(loss.clamp(max=50)),
-                  f"{stage}/token_acc": metrics["token_acc"].compute()}
+        values = {
+            f"{stage}/loss": loss,
+            f"{stage}/ppl": torch.exp(loss.clamp(max=50)),
+            f"{stage}/token_acc": metrics["token_acc"].compute(),
+        }
         if self.cfg.generation.num_samples:
             values.update(metrics["text"].compute())
         self.log_dict(values, prog_bar=stage == "val", sync_dist=False)
