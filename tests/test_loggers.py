@@ -20,7 +20,7 @@ def test_auto_mode_goes_offline_without_credentials(monkeypatch, tmp_path):
 
 
 def test_unknown_mode_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="logger.wandb.mode"):
+    with pytest.raises(ValueError, match=r"logger\.wandb\.mode"):
         wandb_logger(project="p", name="n", save_dir=str(tmp_path), mode="sometimes")
 
 
