@@ -1,0 +1,1 @@
+"""Builds the packaged default model and data into a local cache."""

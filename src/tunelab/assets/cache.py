@@ -38,6 +38,7 @@ def ensure_entry(cache_dir: str | Path, name: str, build: Callable[[Path], dict[
         if (target / MARKER).exists():
             return target
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
+        staging.chmod(0o755)  # mkdtemp makes it owner-only; the cache is shared like any checkout
         try:
             info = build(staging)
             (staging / MARKER).write_text(json.dumps(info, indent=2, sort_keys=True))
