@@ -79,3 +79,17 @@ def test_unknown_key_is_rejected():
     result = run_train("method.rank=4")
     assert result.returncode != 0
     assert "method.rank" in result.stderr
+
+
+def test_fsdp_strategy_wraps_the_models_transformer_blocks(compose_cfg, tmp_path):
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from tunelab.models.loading import load_model
+
+    cfg = compose_cfg(["model=tiny", "trainer=fsdp", f"paths.output_dir={tmp_path}"])
+    model = load_model(cfg.model, cfg.paths.cache_dir).model
+    strategy = instantiate(cfg.trainer.strategy)(model=model)
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
