@@ -47,7 +47,7 @@ def build_components(cfg: DictConfig) -> dict[str, Any]:
     from tunelab.tasks.sft import SFTModule
 
     loaded = load_model(cfg.model, cfg.paths.cache_dir)
-    model = apply_method(loaded.model, cfg.method)
+    model = apply_method(loaded.model, cfg.method, loaded.tokenizer)
     report = parameter_report(model)
     log.info("method=%s: %s", cfg.method.name, report)
     print(f"[tunelab] method={cfg.method.name} model={cfg.model.name}: {report}", flush=True)

@@ -1,32 +1,40 @@
 """The method axis: how a loaded backbone is adapted (which parameters train, which modules are added).
 
-Each method is a function ``adapt(model, method_cfg) -> model`` registered in :data:`METHODS`; it returns
-the model to train, with ``requires_grad`` set on exactly the parameters the method trains.
+Each method is a function ``adapt(model, method_cfg, tokenizer) -> model`` registered in :data:`METHODS`; it
+returns the model to train, with ``requires_grad`` set on exactly the parameters the method trains.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
 from tunelab.errors import ConfigError
 from tunelab.methods.full import adapt_full
+from tunelab.methods.ia3 import adapt_ia3
 from tunelab.methods.lora import adapt_lora
+from tunelab.methods.prompt_learning import adapt_prefix, adapt_prompt, adapt_ptuning
 
-METHODS: dict[str, Callable[[torch.nn.Module, DictConfig], torch.nn.Module]] = {
+METHODS: dict[str, Callable[[torch.nn.Module, DictConfig, Any], torch.nn.Module]] = {
     "full": adapt_full,
     "lora": adapt_lora,
+    "ia3": adapt_ia3,
+    "prompt": adapt_prompt,
+    "ptuning": adapt_ptuning,
+    "prefix": adapt_prefix,
+    "ptuning_v2": adapt_prefix,
 }
 
 
-def apply_method(model: torch.nn.Module, method_cfg: DictConfig) -> torch.nn.Module:
+def apply_method(model: torch.nn.Module, method_cfg: DictConfig, tokenizer: Any = None) -> torch.nn.Module:
     """Adapt ``model`` with the method named by ``method_cfg.name``."""
     if method_cfg.name not in METHODS:
         raise ConfigError(f"method={method_cfg.name!r} is not one of {sorted(METHODS)}")
-    return METHODS[method_cfg.name](model, method_cfg)
+    return METHODS[method_cfg.name](model, method_cfg, tokenizer)
 
 
 def is_peft_model(model: torch.nn.Module) -> bool:

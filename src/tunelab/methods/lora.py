@@ -7,6 +7,8 @@ base model. With ``use_rslora`` the scale is alpha / sqrt(r). Merging folds B A 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -33,7 +35,7 @@ def lora_config(method_cfg: DictConfig, task_type: str = "CAUSAL_LM"):
     )
 
 
-def adapt_lora(model: torch.nn.Module, method_cfg: DictConfig) -> torch.nn.Module:
+def adapt_lora(model: torch.nn.Module, method_cfg: DictConfig, tokenizer: Any = None) -> torch.nn.Module:
     """Freeze ``model`` and inject LoRA adapters into ``method_cfg.target_modules``."""
     from peft import get_peft_model
 

@@ -52,7 +52,9 @@ class SFTModule(LightningModule):
         self.test_samples: list[dict[str, str]] = []
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        """Logits aligned with ``input_ids`` (soft-prompt methods prepend virtual positions: dropped here)."""
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits[:, -input_ids.shape[1] :]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = causal_lm_loss(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])

@@ -1,0 +1,97 @@
+"""Soft-prompt methods through peft: the backbone is frozen and only virtual-token parameters train.
+
+- ``prompt`` (Lester et al., 2021): P in R^{n x d} is prepended to the input embeddings; only P trains.
+  Init: ``random``, ``vocab`` (embeddings of n sampled vocabulary tokens) or ``text`` (embeddings of the
+  tokenized ``init_text``, repeated or cut to n tokens).
+- ``ptuning`` (Liu et al., 2021, GPT Understands, Too): the n prompt embeddings are the output of a small
+  prompt encoder (MLP or LSTM) over trainable inputs, which reparameterises and stabilises them.
+- ``prefix`` (Li & Liang, 2021): trainable key/value prefixes of length n at every attention layer, produced
+  through an MLP reparameterisation (``prefix_projection``) during training.
+- ``ptuning_v2`` (Liu et al., 2022): the same deep per-layer prefixes without reparameterisation.
+
+Prompt and P-tuning lengthen the sequence by n positions in front; callers keep the last ``seq_len`` logits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from tunelab.errors import ConfigError
+
+PROMPT_INITS = ("random", "vocab", "text")
+ENCODERS = ("MLP", "LSTM")
+
+
+def _wrap(model: torch.nn.Module, config: Any) -> torch.nn.Module:
+    from peft import get_peft_model
+
+    if getattr(model, "is_activation_checkpointing", False):
+        raise ConfigError(
+            f"method={config.peft_type.value.lower()} cannot run with model.gradient_checkpointing=true: "
+            "virtual tokens are fed through past key values / input embeddings that checkpointing drops"
+        )
+    return get_peft_model(model, config)
+
+
+def _check_length(method_cfg: DictConfig) -> int:
+    if method_cfg.num_virtual_tokens < 1:
+        raise ConfigError(f"method.num_virtual_tokens must be >= 1, got {method_cfg.num_virtual_tokens}")
+    return int(method_cfg.num_virtual_tokens)
+
+
+def adapt_prompt(model: torch.nn.Module, method_cfg: DictConfig, tokenizer: Any = None) -> torch.nn.Module:
+    """Prompt tuning; ``text`` init copies the embeddings of ``method.init_text``'s tokens."""
+    from peft import PromptTuningConfig, PromptTuningInit
+
+    length = _check_length(method_cfg)
+    if method_cfg.init not in PROMPT_INITS:
+        raise ConfigError(f"method.init={method_cfg.init!r} is not one of {list(PROMPT_INITS)}")
+    if method_cfg.init == "text" and not method_cfg.get("init_text"):
+        raise ConfigError("method.init=text needs method.init_text (the words whose embeddings start the prompt)")
+    init = PromptTuningInit.SAMPLE_VOCAB if method_cfg.init == "vocab" else PromptTuningInit.RANDOM
+    peft_model = _wrap(
+        model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=length, prompt_tuning_init=init)
+    )
+    if method_cfg.init == "text":
+        if tokenizer is None:
+            raise ConfigError("method.init=text needs the model's tokenizer")
+        ids = tokenizer(method_cfg.init_text, add_special_tokens=False)["input_ids"]
+        ids = (ids * (length // max(len(ids), 1) + 1))[:length]
+        embedding = peft_model.get_input_embeddings()
+        with torch.no_grad():
+            prompt = peft_model.prompt_encoder["default"].embedding.weight
+            prompt.copy_(embedding(torch.tensor(ids, device=embedding.weight.device)).to(prompt.dtype))
+    return peft_model
+
+
+def adapt_ptuning(model: torch.nn.Module, method_cfg: DictConfig, tokenizer: Any = None) -> torch.nn.Module:
+    """P-tuning: prompt embeddings produced by a trainable MLP/LSTM prompt encoder."""
+    from peft import PromptEncoderConfig
+
+    if method_cfg.encoder not in ENCODERS:
+        raise ConfigError(f"method.encoder={method_cfg.encoder!r} is not one of {list(ENCODERS)}")
+    config = PromptEncoderConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=_check_length(method_cfg),
+        encoder_reparameterization_type=method_cfg.encoder,
+        encoder_hidden_size=method_cfg.encoder_hidden_size,
+        encoder_num_layers=method_cfg.encoder_num_layers,
+        encoder_dropout=method_cfg.encoder_dropout,
+    )
+    return _wrap(model, config)
+
+
+def adapt_prefix(model: torch.nn.Module, method_cfg: DictConfig, tokenizer: Any = None) -> torch.nn.Module:
+    """Prefix tuning (MLP reparameterisation) or, with ``prefix_projection: false``, P-tuning v2."""
+    from peft import PrefixTuningConfig
+
+    config = PrefixTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=_check_length(method_cfg),
+        prefix_projection=method_cfg.prefix_projection,
+        encoder_hidden_size=method_cfg.get("encoder_hidden_size") or model.config.hidden_size,
+    )
+    return _wrap(model, config)

@@ -1,0 +1,161 @@
+"""Method matrix on a tiny random Llama: what trains, save/load round trip, disabling, merging."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from tunelab.data.collate import TrainingCollator
+from tunelab.data.records import ChatExample
+from tunelab.data.tokenization import encode_example
+from tunelab.methods import apply_method
+from tunelab.models.loading import load_model
+from tunelab.tasks.sft import causal_lm_loss
+
+from .conftest import CONFIGS, synthetic_pairs
+
+PEFT_METHODS = ["lora", "ia3", "prompt", "ptuning", "prefix", "ptuning_v2"]
+MERGEABLE = ["lora", "ia3"]
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(cache_dir):
+    cfg = OmegaConf.load(CONFIGS / "model" / "tiny.yaml")
+    return cfg, str(cache_dir)
+
+
+def method_cfg(name: str):
+    cfg = OmegaConf.load(CONFIGS / "method" / f"{name}.yaml")
+    if name == "lora":
+        cfg.target_modules = ["q_proj", "v_proj"]
+    if "num_virtual_tokens" in cfg:
+        cfg.num_virtual_tokens = 4
+    return cfg
+
+
+def fresh_base(tiny_cfg):
+    model_cfg, cache = tiny_cfg
+    return load_model(model_cfg, cache)
+
+
+def batch_for(tokenizer):
+    examples = [
+        encode_example(
+            tokenizer,
+            ChatExample(({"role": "user", "content": row["instruction"]},), row["output"], f"mem:{i}"),
+            64,
+        )
+        for i, row in enumerate(synthetic_pairs(4))
+    ]
+    return TrainingCollator(tokenizer.pad_token_id)(examples)
+
+
+def aligned_logits(model, batch):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits[:, -batch["input_ids"].shape[1] :]
+
+
+def adapted(name, tiny_cfg):
+    loaded = fresh_base(tiny_cfg)
+    return apply_method(loaded.model, method_cfg(name), loaded.tokenizer), loaded.tokenizer
+
+
+@pytest.mark.parametrize("name", PEFT_METHODS)
+def test_training_changes_every_trainable_tensor_and_no_frozen_one(name, tiny_cfg):
+    model, tokenizer = adapted(name, tiny_cfg)
+    batch = batch_for(tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and len(trainable) < len(before)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        loss, _ = causal_lm_loss(aligned_logits(model, batch), batch["labels"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for n, p in model.named_parameters():
+        changed = not torch.equal(p.detach(), before[n])
+        assert changed == (n in trainable), f"{name}: {n} changed={changed} trainable={n in trainable}"
+
+
+@pytest.mark.parametrize("name", PEFT_METHODS)
+def test_save_load_round_trip_and_disable_restore_the_right_logits(name, tiny_cfg, tmp_path):
+    from peft import PeftModel
+
+    model, tokenizer = adapted(name, tiny_cfg)
+    batch = batch_for(tokenizer)
+    with torch.no_grad():  # move the adapter away from its (often identity) init
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(fresh_base(tiny_cfg).model, tmp_path).eval()
+    base = fresh_base(tiny_cfg).model.eval()
+    with torch.no_grad():
+        adapted_logits = aligned_logits(model, batch)
+        assert torch.equal(aligned_logits(reloaded, batch), adapted_logits)
+        base_logits = aligned_logits(base, batch)
+        assert not torch.allclose(adapted_logits, base_logits, atol=1e-4)
+        with model.disable_adapter():
+            torch.testing.assert_close(aligned_logits(model, batch), base_logits, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", MERGEABLE)
+def test_merged_logits_equal_adapter_logits(name, tiny_cfg):
+    model, tokenizer = adapted(name, tiny_cfg)
+    batch = batch_for(tokenizer)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    with torch.no_grad():
+        expected = aligned_logits(model, batch)
+        merged = model.merge_and_unload()
+        torch.testing.assert_close(aligned_logits(merged, batch), expected, atol=1e-4, rtol=0)
+
+
+def test_prompt_text_init_copies_the_text_embeddings(tiny_cfg):
+    model, tokenizer = adapted("prompt", tiny_cfg)
+    ids = tokenizer(method_cfg("prompt").init_text, add_special_tokens=False)["input_ids"][:4]
+    expected = model.get_input_embeddings().weight[ids]
+    assert torch.equal(model.prompt_encoder["default"].embedding.weight, expected)
+
+
+def test_soft_prompts_refuse_gradient_checkpointing(tiny_cfg):
+    from tunelab.errors import ConfigError
+
+    model_cfg, cache = tiny_cfg
+    cfg = model_cfg.copy()
+    cfg.gradient_checkpointing = True
+    loaded = load_model(cfg, cache)
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        apply_method(loaded.model, method_cfg("prefix"), loaded.tokenizer)
+
+
+@pytest.mark.parametrize("name", ["ia3", "prompt", "ptuning", "prefix", "ptuning_v2"])
+def test_method_runs_the_sft_pipeline(name, alpaca_file, compose_cfg, tmp_path):
+    import math
+
+    from tunelab.train import train
+
+    from .conftest import tiny_overrides
+
+    overrides = [
+        *tiny_overrides(alpaca_file, tmp_path),
+        f"method={name}",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=3",
+        "task.optimizer.lr=1e-2",
+        "task.generation.num_samples=2",
+    ]
+    if "num_virtual_tokens" in method_cfg(name):
+        overrides.append("method.num_virtual_tokens=4")
+    metrics, _ = train(compose_cfg(overrides))
+    assert math.isfinite(metrics["test/loss"]) and "test/rougeL" in metrics
+    assert metrics["val/loss"] < metrics["untrained/val/loss"]
+    assert 0 < metrics["trainable_params"] < metrics["total_params"] / 10
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
