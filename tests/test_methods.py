@@ -136,7 +136,7 @@ def test_soft_prompts_refuse_gradient_checkpointing(tiny_cfg):
         apply_method(loaded.model, method_cfg("prefix"), loaded.tokenizer)
 
 
-@pytest.mark.parametrize("name", ["ia3", "prompt", "ptuning", "prefix", "ptuning_v2"])
+@pytest.mark.parametrize("name", ["ia3", "prompt", "ptuning", "prefix", "ptuning_v2", "bitfit"])
 def test_method_runs_the_sft_pipeline(name, alpaca_file, compose_cfg, tmp_path):
     import math
 
@@ -158,4 +158,42 @@ def test_method_runs_the_sft_pipeline(name, alpaca_file, compose_cfg, tmp_path):
     assert math.isfinite(metrics["test/loss"]) and "test/rougeL" in metrics
     assert metrics["val/loss"] < metrics["untrained/val/loss"]
     assert 0 < metrics["trainable_params"] < metrics["total_params"] / 10
-    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    exported = "config.json" if name == "bitfit" else "adapter_config.json"  # bitfit exports a whole model
+    assert (tmp_path / "adapter" / exported).exists()
+
+
+def test_bitfit_on_a_bias_free_llama_adds_zero_biases_and_trains_only_them(tiny_cfg, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = fresh_base(tiny_cfg).model.eval()
+    model, tokenizer = adapted("bitfit", tiny_cfg)
+    batch = batch_for(tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(aligned_logits(model.eval(), batch), aligned_logits(base, batch), atol=0, rtol=0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(".bias") for n in trainable)
+    assert model.config.attention_bias and model.config.mlp_bias
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        loss, _ = causal_lm_loss(aligned_logits(model, batch), batch["labels"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for n, p in model.named_parameters():
+        assert (not torch.equal(p.detach(), before[n])) == (n in trainable), n
+    model.eval().save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(aligned_logits(reloaded, batch), aligned_logits(model, batch))
+
+
+def test_bitfit_can_refuse_models_without_biases(tiny_cfg):
+    from tunelab.errors import ConfigError
+
+    loaded = fresh_base(tiny_cfg)
+    cfg = method_cfg("bitfit")
+    cfg.missing_biases = "fail"
+    with pytest.raises(ConfigError, match=r"without bias terms; set method\.missing_biases=add"):
+        apply_method(loaded.model, cfg, loaded.tokenizer)

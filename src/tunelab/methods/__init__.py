@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from tunelab.errors import ConfigError
+from tunelab.methods.bitfit import adapt_bitfit
 from tunelab.methods.full import adapt_full
 from tunelab.methods.ia3 import adapt_ia3
 from tunelab.methods.lora import adapt_lora
@@ -27,6 +28,7 @@ METHODS: dict[str, Callable[[torch.nn.Module, DictConfig, Any], torch.nn.Module]
     "ptuning": adapt_ptuning,
     "prefix": adapt_prefix,
     "ptuning_v2": adapt_prefix,
+    "bitfit": adapt_bitfit,
 }
 
 
