@@ -61,13 +61,9 @@ def adapted(name, tiny_cfg):
     return apply_method(loaded.model, method_cfg(name), loaded.tokenizer), loaded.tokenizer
 
 
-@pytest.mark.parametrize("name", PEFT_METHODS)
-def test_training_changes_every_trainable_tensor_and_no_frozen_one(name, tiny_cfg):
-    model, tokenizer = adapted(name, tiny_cfg)
-    batch = batch_for(tokenizer)
+def assert_steps_change_exactly(model, batch, trainable: set[str]) -> None:
+    """Three AdamW steps change every parameter named in ``trainable`` and no other."""
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and len(trainable) < len(before)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     for _ in range(3):
@@ -77,7 +73,24 @@ def test_training_changes_every_trainable_tensor_and_no_frozen_one(name, tiny_cf
         optimizer.zero_grad()
     for n, p in model.named_parameters():
         changed = not torch.equal(p.detach(), before[n])
-        assert changed == (n in trainable), f"{name}: {n} changed={changed} trainable={n in trainable}"
+        assert changed == (n in trainable), f"{n} changed={changed} trainable={n in trainable}"
+
+
+def perturb_trainable(model) -> None:
+    """Move the trainable parameters away from their (often identity) init."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("name", PEFT_METHODS)
+def test_training_changes_every_trainable_tensor_and_no_frozen_one(name, tiny_cfg):
+    model, tokenizer = adapted(name, tiny_cfg)
+    batch = batch_for(tokenizer)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and len(trainable) < len(list(model.parameters()))
+    assert_steps_change_exactly(model, batch, trainable)
 
 
 @pytest.mark.parametrize("name", PEFT_METHODS)
@@ -86,10 +99,7 @@ def test_save_load_round_trip_and_disable_restore_the_right_logits(name, tiny_cf
 
     model, tokenizer = adapted(name, tiny_cfg)
     batch = batch_for(tokenizer)
-    with torch.no_grad():  # move the adapter away from its (often identity) init
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    perturb_trainable(model)
     model.eval()
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(fresh_base(tiny_cfg).model, tmp_path).eval()
@@ -107,10 +117,7 @@ def test_save_load_round_trip_and_disable_restore_the_right_logits(name, tiny_cf
 def test_merged_logits_equal_adapter_logits(name, tiny_cfg):
     model, tokenizer = adapted(name, tiny_cfg)
     batch = batch_for(tokenizer)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    perturb_trainable(model)
     model.eval()
     with torch.no_grad():
         expected = aligned_logits(model, batch)
@@ -173,16 +180,7 @@ def test_bitfit_on_a_bias_free_llama_adds_zero_biases_and_trains_only_them(tiny_
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(".bias") for n in trainable)
     assert model.config.attention_bias and model.config.mlp_bias
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(3):
-        loss, _ = causal_lm_loss(aligned_logits(model, batch), batch["labels"])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    for n, p in model.named_parameters():
-        assert (not torch.equal(p.detach(), before[n])) == (n in trainable), n
+    assert_steps_change_exactly(model, batch, trainable)
     model.eval().save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():

@@ -64,9 +64,8 @@ def markdown_report(run_dir: Path, split: str, metrics: dict[str, float], sample
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Rebuild the run, score the chosen split, write report.json / report.md; return the metrics."""
     import lightning.pytorch as pl
-    import torch
 
-    from tunelab.train import build_components
+    from tunelab.train import build_components, checkpoint_state
 
     run_dir, run_cfg = locate_run(cfg)
     split = cfg.split
@@ -81,8 +80,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         model, _ = load_adapter(run_cfg, Path(cfg.adapter_path), cfg.paths.cache_dir)
         module.model = model
     else:
-        state = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
-        module.load_state_dict(state, strict=module.strict_loading)
+        module.load_state_dict(checkpoint_state(cfg.ckpt_path), strict=module.strict_loading)
     if split == "val":
         datamodule.test_dataloader = datamodule.val_dataloader
     trainer = pl.Trainer(

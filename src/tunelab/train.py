@@ -109,7 +109,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)[0]
         metrics.update(results)
     elif best_path:
-        module.load_state_dict(_checkpoint_state(best_path), strict=module.strict_loading)
+        module.load_state_dict(checkpoint_state(best_path), strict=module.strict_loading)
     if trainer.is_global_zero:
         if cfg.export.adapter:
             metrics["adapter_dir"] = str(export_adapter(objects["model"], objects["tokenizer"], output_dir / "adapter"))
@@ -121,7 +121,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return metrics, objects
 
 
-def _checkpoint_state(path: str) -> dict[str, Any]:
+def checkpoint_state(path: str) -> dict[str, Any]:
+    """The module state dict stored in a Lightning checkpoint."""
     import torch
 
     return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
