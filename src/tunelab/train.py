@@ -116,9 +116,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         if cfg.export.merged:
             metrics["merged_dir"] = str(export_merged(objects["model"], objects["tokenizer"], output_dir / "merged"))
         metrics["data"] = datamodule.report
+        metrics.update(perf_summary(callbacks, module))
         write_json(output_dir / "metrics.json", metrics)
     _finish_loggers(loggers)
     return metrics, objects
+
+
+def perf_summary(callbacks: list[Any], module: Any) -> dict[str, float]:
+    """Step time and peak memory from the :class:`StepTimer` callback, when it is configured."""
+    from tunelab.callbacks.perf import StepTimer
+
+    timers = [c for c in callbacks if isinstance(c, StepTimer)]
+    return timers[0].summary(module.device) if timers else {}
 
 
 def checkpoint_state(path: str) -> dict[str, Any]:
