@@ -1,4 +1,6 @@
-"""Method matrix on a tiny random Llama: what trains, save/load round trip, disabling, merging."""
+"""Method matrix on a tiny random Llama: what trains, save/load round trip, disabling, merging.
+
+The encoder side of the matrix is tests/test_methods_encoder.py; QLoRA is tests/test_qlora.py."""
 
 from __future__ import annotations
 
@@ -9,13 +11,15 @@ from omegaconf import OmegaConf
 from tunelab.data.collate import TrainingCollator
 from tunelab.data.records import ChatExample
 from tunelab.data.tokenization import encode_example
+from tunelab.export import export_adapter, load_exported
 from tunelab.methods import apply_method
+from tunelab.methods.inhouse import adapters_disabled
 from tunelab.models.loading import load_model
 from tunelab.tasks.sft import causal_lm_loss
 
 from .conftest import CONFIGS, synthetic_pairs
 
-PEFT_METHODS = ["lora", "ia3", "prompt", "ptuning", "prefix", "ptuning_v2"]
+ADAPTER_METHODS = ["lora", "ia3", "prompt", "ptuning", "prefix", "ptuning_v2", "adapter", "mam", "unipelt"]
 MERGEABLE = ["lora", "ia3"]
 
 
@@ -84,7 +88,7 @@ def perturb_trainable(model) -> None:
                 p.add_(0.05 * torch.randn_like(p))
 
 
-@pytest.mark.parametrize("name", PEFT_METHODS)
+@pytest.mark.parametrize("name", ADAPTER_METHODS)
 def test_training_changes_every_trainable_tensor_and_no_frozen_one(name, tiny_cfg):
     model, tokenizer = adapted(name, tiny_cfg)
     batch = batch_for(tokenizer)
@@ -93,24 +97,23 @@ def test_training_changes_every_trainable_tensor_and_no_frozen_one(name, tiny_cf
     assert_steps_change_exactly(model, batch, trainable)
 
 
-@pytest.mark.parametrize("name", PEFT_METHODS)
+@pytest.mark.parametrize("name", ADAPTER_METHODS)
 def test_save_load_round_trip_and_disable_restore_the_right_logits(name, tiny_cfg, tmp_path):
-    from peft import PeftModel
-
     model, tokenizer = adapted(name, tiny_cfg)
     batch = batch_for(tokenizer)
     perturb_trainable(model)
     model.eval()
-    model.save_pretrained(tmp_path)
-    reloaded = PeftModel.from_pretrained(fresh_base(tiny_cfg).model, tmp_path).eval()
+    export_adapter(model, tokenizer, tmp_path)
+    reloaded = load_exported(fresh_base(tiny_cfg).model, tmp_path, tokenizer).eval()
     base = fresh_base(tiny_cfg).model.eval()
     with torch.no_grad():
         adapted_logits = aligned_logits(model, batch)
         assert torch.equal(aligned_logits(reloaded, batch), adapted_logits)
         base_logits = aligned_logits(base, batch)
         assert not torch.allclose(adapted_logits, base_logits, atol=1e-4)
-        with model.disable_adapter():
+        with adapters_disabled(model):
             torch.testing.assert_close(aligned_logits(model, batch), base_logits, atol=1e-6, rtol=0)
+        torch.testing.assert_close(aligned_logits(model, batch), adapted_logits, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("name", MERGEABLE)
@@ -143,7 +146,9 @@ def test_soft_prompts_refuse_gradient_checkpointing(tiny_cfg):
         apply_method(loaded.model, method_cfg("prefix"), loaded.tokenizer)
 
 
-@pytest.mark.parametrize("name", ["ia3", "prompt", "ptuning", "prefix", "ptuning_v2", "bitfit"])
+@pytest.mark.parametrize(
+    "name", ["ia3", "prompt", "ptuning", "prefix", "ptuning_v2", "bitfit", "adapter", "mam", "unipelt"]
+)
 def test_method_runs_the_sft_pipeline(name, alpaca_file, compose_cfg, tmp_path):
     import math
 
@@ -165,8 +170,8 @@ def test_method_runs_the_sft_pipeline(name, alpaca_file, compose_cfg, tmp_path):
     assert math.isfinite(metrics["test/loss"]) and "test/rougeL" in metrics
     assert metrics["val/loss"] < metrics["untrained/val/loss"]
     assert 0 < metrics["trainable_params"] < metrics["total_params"] / 10
-    exported = "config.json" if name == "bitfit" else "adapter_config.json"  # bitfit exports a whole model
-    assert (tmp_path / "adapter" / exported).exists()
+    exported = {"bitfit": "config.json"} | dict.fromkeys(["adapter", "mam", "unipelt"], "tunelab_method.yaml")
+    assert (tmp_path / "adapter" / exported.get(name, "adapter_config.json")).exists()
 
 
 def test_bitfit_on_a_bias_free_llama_adds_zero_biases_and_trains_only_them(tiny_cfg, tmp_path):
@@ -195,3 +200,24 @@ def test_bitfit_can_refuse_models_without_biases(tiny_cfg):
     cfg.missing_biases = "fail"
     with pytest.raises(ConfigError, match=r"without bias terms; set method\.missing_biases=add"):
         apply_method(loaded.model, cfg, loaded.tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["method=prefix", "model.gradient_checkpointing=true"], "cannot run with model.gradient_checkpointing"),
+        (["method=unipelt", "model.gradient_checkpointing=true"], "cannot run with model.gradient_checkpointing"),
+        (["method=mam", "model.config.model_type=bert"], "adapts the 'ffn' sublayer, which model_type='bert'"),
+        (["method=adapter", "model.config.model_type=gpt2"], "not 'gpt2'; use method=lora"),
+        (["method=qlora", "trainer=fsdp"], "set method.quant_storage=bfloat16"),
+    ],
+)
+def test_impossible_method_combinations_fail_at_config_time(overrides, message, alpaca_file, compose_cfg, tmp_path):
+    from tunelab.config_checks import check_method_fits_model
+    from tunelab.errors import ConfigError
+
+    from .conftest import tiny_overrides
+
+    cfg = compose_cfg([*tiny_overrides(alpaca_file, tmp_path), *overrides])
+    with pytest.raises(ConfigError, match=message):
+        check_method_fits_model(cfg)

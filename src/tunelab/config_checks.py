@@ -15,6 +15,35 @@ def gpu_available() -> bool:
     return torch.cuda.is_available()
 
 
+def declared_model_type(model_cfg: DictConfig) -> str | None:
+    """The transformers ``model_type`` a model config declares (random_init: in its ``config``)."""
+    if model_cfg.source == "random_init":
+        return model_cfg.config.get("model_type")
+    return model_cfg.get("model_type")
+
+
+def check_method_fits_model(cfg: DictConfig) -> None:
+    """Method x model x trainer combinations that cannot work, named in one sentence."""
+    from tunelab.methods import SOFT_PROMPT_METHODS, required_sublayers
+    from tunelab.methods.inhouse import check_family_supports
+
+    method = cfg.method.name
+    if method in SOFT_PROMPT_METHODS and cfg.model.gradient_checkpointing:
+        raise ConfigError(
+            f"method={method} cannot run with model.gradient_checkpointing=true: its virtual tokens go through "
+            "past key values / input embeddings that checkpointing drops; set model.gradient_checkpointing=false"
+        )
+    model_type = declared_model_type(cfg.model)
+    if required_sublayers(cfg.method) and model_type:
+        check_family_supports(method, model_type, required_sublayers(cfg.method))
+    sharded = "fsdp" in str(cfg.trainer.strategy) or "stage_3" in str(cfg.trainer.strategy)
+    if method == "qlora" and sharded and cfg.method.quant_storage == "uint8":
+        raise ConfigError(
+            "method=qlora with a sharded strategy (FSDP / ZeRO-3) needs 4-bit weights stored in the float dtype "
+            "the shards are flattened in: set method.quant_storage=bfloat16 (or the model dtype)"
+        )
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` with a one-line reason for a combination that cannot run here."""
     from tunelab.methods import METHODS
@@ -43,5 +72,6 @@ def check_config(cfg: DictConfig) -> None:
         )
     if cfg.ckpt_path is not None and not cfg.train:
         raise ConfigError("ckpt_path resumes training, but train=false; use evaluate.py ckpt_path=... instead")
+    check_method_fits_model(cfg)
     if cfg.method.name == "full" and cfg.export.merged:
         raise ConfigError("export.merged=true needs an adapter method; method=full already exports the full model")

@@ -31,17 +31,18 @@ def locate_run(cfg: DictConfig) -> tuple[Path, DictConfig]:
 
 
 def load_adapter(run_cfg: DictConfig, adapter_dir: Path, cache_dir: str) -> tuple[Any, Any]:
-    """Model + tokenizer from an exported adapter (peft) or full model directory."""
+    """Model + tokenizer from an exported adapter (peft or in-house) or full model directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tunelab.export import load_exported
+    from tunelab.methods import quantization_config
+    from tunelab.methods.inhouse import is_inhouse_dir
     from tunelab.models.loading import load_model, torch_dtype
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    if (adapter_dir / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        base = load_model(run_cfg.model, cache_dir).model
-        return PeftModel.from_pretrained(base, adapter_dir), tokenizer
+    if (adapter_dir / "adapter_config.json").exists() or is_inhouse_dir(adapter_dir):
+        base = load_model(run_cfg.model, cache_dir, quantization_config=quantization_config(run_cfg.method)).model
+        return load_exported(base, adapter_dir, tokenizer), tokenizer
     return AutoModelForCausalLM.from_pretrained(adapter_dir, dtype=torch_dtype(run_cfg.model.dtype)), tokenizer
 
 

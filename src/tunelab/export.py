@@ -1,7 +1,7 @@
 """Export trained weights: peft adapters (``PeftModel.from_pretrained``-loadable) and merged models.
 
-A merged model folds the adapter into the base weights (``merge_and_unload``) and saves in plain
-transformers format with the tokenizer, so ``AutoModelForCausalLM.from_pretrained(dir)`` serves it.
+A merged model folds the adapter into the base weights (``merge_and_unload``; for QLoRA into dequantized
+base weights) and saves in plain transformers format with the tokenizer, so ``AutoModelForCausalLM.from_pretrained(dir)`` serves it.
 Full fine-tuning exports the whole model in that same format.
 """
 
@@ -14,12 +14,18 @@ from typing import Any
 import torch
 
 from tunelab.methods import is_peft_model
+from tunelab.methods.inhouse import is_inhouse, is_inhouse_dir, load_inhouse, save_inhouse
+from tunelab.methods.qlora import four_bit_layers, merge_dequantized
 
 
 def export_adapter(model: torch.nn.Module, tokenizer: Any, directory: Path) -> Path:
-    """Save the adapter (peft) or, for full fine-tuning, the whole model (transformers) to ``directory``."""
+    """Save the adapter (peft, or in-house: weights + method config) or, for full fine-tuning and bitfit, the
+    whole model (transformers) to ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
+    if is_inhouse(model):
+        save_inhouse(model, directory)
+    else:
+        model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 
@@ -28,6 +34,8 @@ def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A plain transformers model with the adapter folded in; ``model`` itself stays unmerged."""
     if not is_peft_model(model):
         return model
+    if four_bit_layers(model):
+        return merge_dequantized(model)
     return copy.deepcopy(model).merge_and_unload()
 
 
@@ -37,3 +45,12 @@ def export_merged(model: torch.nn.Module, tokenizer: Any, directory: Path) -> Pa
     merged_copy(model).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def load_exported(base_model: torch.nn.Module, directory: Path, tokenizer: Any = None) -> torch.nn.Module:
+    """``base_model`` with the adapter saved by :func:`export_adapter` in ``directory`` (peft or in-house)."""
+    if is_inhouse_dir(directory):
+        return load_inhouse(base_model, directory, tokenizer)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base_model, directory)

@@ -42,11 +42,11 @@ def build_trainer(cfg: DictConfig, model: Any, callbacks: list[Any], loggers: li
 def build_components(cfg: DictConfig) -> dict[str, Any]:
     """Model (adapted by the method), tokenizer, data module and task module for ``cfg``."""
     from tunelab.data.datamodule import SFTDataModule
-    from tunelab.methods import apply_method, parameter_report
+    from tunelab.methods import apply_method, parameter_report, quantization_config
     from tunelab.models.loading import load_model
     from tunelab.tasks.sft import SFTModule
 
-    loaded = load_model(cfg.model, cfg.paths.cache_dir)
+    loaded = load_model(cfg.model, cfg.paths.cache_dir, quantization_config=quantization_config(cfg.method))
     model = apply_method(loaded.model, cfg.method, loaded.tokenizer)
     report = parameter_report(model)
     log.info("method=%s: %s", cfg.method.name, report)

@@ -14,21 +14,29 @@ import torch
 from omegaconf import DictConfig
 
 from tunelab.errors import ConfigError
+from tunelab.methods.adapter import adapt_adapter
 from tunelab.methods.bitfit import adapt_bitfit
 from tunelab.methods.full import adapt_full
 from tunelab.methods.ia3 import adapt_ia3
 from tunelab.methods.lora import adapt_lora
+from tunelab.methods.mam import adapt_mam
 from tunelab.methods.prompt_learning import adapt_prefix, adapt_prompt, adapt_ptuning
+from tunelab.methods.qlora import adapt_qlora, qlora_quantization_config
+from tunelab.methods.unipelt import adapt_unipelt
 
 METHODS: dict[str, Callable[[torch.nn.Module, DictConfig, Any], torch.nn.Module]] = {
     "full": adapt_full,
     "lora": adapt_lora,
+    "qlora": adapt_qlora,
     "ia3": adapt_ia3,
     "prompt": adapt_prompt,
     "ptuning": adapt_ptuning,
     "prefix": adapt_prefix,
     "ptuning_v2": adapt_prefix,
     "bitfit": adapt_bitfit,
+    "adapter": adapt_adapter,
+    "mam": adapt_mam,
+    "unipelt": adapt_unipelt,
 }
 
 
@@ -37,6 +45,21 @@ def apply_method(model: torch.nn.Module, method_cfg: DictConfig, tokenizer: Any 
     if method_cfg.name not in METHODS:
         raise ConfigError(f"method={method_cfg.name!r} is not one of {sorted(METHODS)}")
     return METHODS[method_cfg.name](model, method_cfg, tokenizer)
+
+
+SOFT_PROMPT_METHODS = ("prompt", "ptuning", "prefix", "ptuning_v2", "mam", "unipelt")
+
+
+def required_sublayers(method_cfg: DictConfig) -> list[str]:
+    """Sublayer roles (see ``inhouse.SUBLAYERS``) an in-house method adapts; empty for the others."""
+    if method_cfg.name == "adapter":
+        return list(method_cfg.positions)
+    return {"mam": ["ffn"], "unipelt": ["query", "value", "ffn_output"]}.get(method_cfg.name, [])
+
+
+def quantization_config(method_cfg: DictConfig) -> Any:
+    """How the base must be loaded for this method: a bitsandbytes config for qlora, else None."""
+    return qlora_quantization_config(method_cfg) if method_cfg.name == "qlora" else None
 
 
 def is_peft_model(model: torch.nn.Module) -> bool:

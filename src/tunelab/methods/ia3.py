@@ -12,13 +12,15 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from tunelab.methods.peft_task import peft_task_type
+
 
 def adapt_ia3(model: torch.nn.Module, method_cfg: DictConfig, tokenizer: Any = None) -> torch.nn.Module:
     """Insert (IA)^3 scaling vectors into ``target_modules`` (``feedforward_modules`` scale their input)."""
     from peft import IA3Config, get_peft_model
 
     config = IA3Config(
-        task_type="CAUSAL_LM",
+        task_type=peft_task_type(model),
         target_modules=list(OmegaConf.to_container(method_cfg.target_modules)),
         feedforward_modules=list(OmegaConf.to_container(method_cfg.feedforward_modules)),
     )

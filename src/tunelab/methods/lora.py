@@ -13,9 +13,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tunelab.errors import ConfigError
+from tunelab.methods.peft_task import peft_task_type
 
 
-def lora_config(method_cfg: DictConfig, task_type: str = "CAUSAL_LM"):
+def lora_config(method_cfg: DictConfig, task_type: str):
     """The peft ``LoraConfig`` for a ``configs/method/lora.yaml``-shaped config."""
     from peft import LoraConfig
 
@@ -39,7 +40,7 @@ def adapt_lora(model: torch.nn.Module, method_cfg: DictConfig, tokenizer: Any = 
     """Freeze ``model`` and inject LoRA adapters into ``method_cfg.target_modules``."""
     from peft import get_peft_model
 
-    config = lora_config(method_cfg)
+    config = lora_config(method_cfg, peft_task_type(model))
     try:
         return get_peft_model(model, config)
     except ValueError as error:

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from tunelab.errors import ConfigError
+from tunelab.methods.peft_task import peft_task_type
 
 PROMPT_INITS = ("random", "vocab", "text")
 ENCODERS = ("MLP", "LSTM")
@@ -53,7 +54,7 @@ def adapt_prompt(model: torch.nn.Module, method_cfg: DictConfig, tokenizer: Any 
         raise ConfigError("method.init=text needs method.init_text (the words whose embeddings start the prompt)")
     init = PromptTuningInit.SAMPLE_VOCAB if method_cfg.init == "vocab" else PromptTuningInit.RANDOM
     peft_model = _wrap(
-        model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=length, prompt_tuning_init=init)
+        model, PromptTuningConfig(task_type=peft_task_type(model), num_virtual_tokens=length, prompt_tuning_init=init)
     )
     if method_cfg.init == "text":
         if tokenizer is None:
@@ -74,7 +75,7 @@ def adapt_ptuning(model: torch.nn.Module, method_cfg: DictConfig, tokenizer: Any
     if method_cfg.encoder not in ENCODERS:
         raise ConfigError(f"method.encoder={method_cfg.encoder!r} is not one of {list(ENCODERS)}")
     config = PromptEncoderConfig(
-        task_type="CAUSAL_LM",
+        task_type=peft_task_type(model),
         num_virtual_tokens=_check_length(method_cfg),
         encoder_reparameterization_type=method_cfg.encoder,
         encoder_hidden_size=method_cfg.encoder_hidden_size,
@@ -89,7 +90,7 @@ def adapt_prefix(model: torch.nn.Module, method_cfg: DictConfig, tokenizer: Any 
     from peft import PrefixTuningConfig
 
     config = PrefixTuningConfig(
-        task_type="CAUSAL_LM",
+        task_type=peft_task_type(model),
         num_virtual_tokens=_check_length(method_cfg),
         prefix_projection=method_cfg.prefix_projection,
         encoder_hidden_size=method_cfg.get("encoder_hidden_size") or model.config.hidden_size,

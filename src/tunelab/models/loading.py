@@ -90,6 +90,22 @@ def _tokenizer_source(model_cfg: DictConfig, cache_dir: str | Path) -> str:
     return str(model_cfg.tokenizer)
 
 
+def reload_quantized(model: torch.nn.Module, quantization_config: Any, dtype: torch.dtype) -> torch.nn.Module:
+    """bitsandbytes quantizes while weights load, so an in-memory model is saved and loaded back through it."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory(prefix="tunelab-quantize-") as directory:
+        model.save_pretrained(directory)
+        return AutoModelForCausalLM.from_pretrained(
+            directory,
+            dtype=dtype,
+            quantization_config=quantization_config,
+            attn_implementation=model.config._attn_implementation,
+        )
+
+
 def load_model(model_cfg: DictConfig, cache_dir: str | Path, *, quantization_config: Any = None) -> LoadedModel:
     """Instantiate the causal-LM backbone and tokenizer described by ``model_cfg``."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -106,6 +122,8 @@ def load_model(model_cfg: DictConfig, cache_dir: str | Path, *, quantization_con
         config = AutoConfig.for_model(model_type, **config_kwargs)
         torch.manual_seed(model_cfg.get("init_seed", 0))
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=model_cfg.attn_implementation)
+        if quantization_config is not None:
+            model = reload_quantized(model, quantization_config, dtype)
         name_or_path = f"random_init:{model_type}"
     else:
         name_or_path = resolve_checkpoint_dir(model_cfg, cache_dir)

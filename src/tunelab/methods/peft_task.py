@@ -1,0 +1,19 @@
+"""Which peft task type a transformers model needs (it decides how ``PeftModel`` routes inputs and which
+head stays trainable: ``SEQ_CLS`` keeps the classification head trainable next to the adapter)."""
+
+from __future__ import annotations
+
+import torch
+
+SUFFIXES = {
+    "ForCausalLM": "CAUSAL_LM",
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+}
+
+
+def peft_task_type(model: torch.nn.Module) -> str:
+    """``CAUSAL_LM``, ``SEQ_CLS``, ... from the model class; a bare backbone is ``FEATURE_EXTRACTION``."""
+    name = type(model).__name__
+    return next((task for suffix, task in SUFFIXES.items() if name.endswith(suffix)), "FEATURE_EXTRACTION")
