@@ -1,7 +1,8 @@
 """Export trained weights: peft adapters (``PeftModel.from_pretrained``-loadable) and merged models.
 
 A merged model folds the adapter into the base weights (``merge_and_unload``; for QLoRA into dequantized
-base weights) and saves in plain transformers format with the tokenizer, so ``AutoModelForCausalLM.from_pretrained(dir)`` serves it.
+base weights) and saves in plain transformers format with the tokenizer, so
+``AutoModelForCausalLM.from_pretrained(dir)`` serves it.
 Full fine-tuning exports the whole model in that same format.
 """
 
