@@ -3,28 +3,41 @@
 Step time is the wall time of one training batch (forward, backward, optimizer step), measured from
 batch start to batch end; the first ``warmup_steps`` are left out (allocator and kernel warm-up). On CUDA
 the timer synchronises the device at both ends, which costs a host sync per step: set
-``callbacks.perf=null`` (remove the callback) for production speed. Peak memory is
-``torch.cuda.max_memory_allocated`` on CUDA and the process's peak resident set size on CPU.
+``callbacks.perf=null`` (remove the callback) for production speed. Peak memory, from the start of ``fit``
+(the peak is reset there, so jobs of one multirun process are measured separately), is
+``torch.cuda.max_memory_allocated`` on CUDA and the peak resident set size (``VmHWM``) on Linux CPUs.
 """
 
 from __future__ import annotations
 
-import resource
 import statistics
-import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 
-def peak_memory_mib(device: torch.device) -> float:
-    """Peak memory so far: allocated CUDA memory on a GPU, else the process's peak RSS (MiB)."""
+PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's allocator statistics, or the kernel's RSS high-water mark (Linux)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif PROC_CLEAR_REFS.exists():
+        PROC_CLEAR_REFS.write_text("5")  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
+
+
+def peak_memory_mib(device: torch.device) -> float | None:
+    """Peak since the last reset (MiB): allocated CUDA memory, else peak RSS; None where unknown."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+    if not PROC_STATUS.exists():
+        return None
+    line = next(line for line in PROC_STATUS.read_text().splitlines() if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 2**10  # kB
 
 
 class StepTimer(Callback):
@@ -33,6 +46,9 @@ class StepTimer(Callback):
         self.step_seconds: list[float] = []
         self._seen = 0
         self._started = 0.0
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        reset_peak_memory(pl_module.device)
 
     def _sync(self, pl_module: LightningModule) -> None:
         if pl_module.device.type == "cuda":
@@ -52,7 +68,10 @@ class StepTimer(Callback):
 
     def summary(self, device: torch.device) -> dict[str, float]:
         """``perf/step_time_s`` (median over timed steps, if any) and ``perf/peak_mem_mib``."""
-        result = {"perf/peak_mem_mib": round(peak_memory_mib(device), 1)}
+        result = {}
+        peak = peak_memory_mib(device)
+        if peak is not None:
+            result["perf/peak_mem_mib"] = round(peak, 1)
         if self.step_seconds:
             result["perf/step_time_s"] = round(statistics.median(self.step_seconds), 4)
         return result
