@@ -8,16 +8,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tunelab.data.collate import TrainingCollator
-from tunelab.data.records import ChatExample
-from tunelab.data.tokenization import encode_example
 from tunelab.export import export_adapter, load_exported
 from tunelab.methods import apply_method
 from tunelab.methods.inhouse import adapters_disabled
 from tunelab.models.loading import load_model
-from tunelab.tasks.sft import causal_lm_loss
 
-from .conftest import CONFIGS, synthetic_pairs
+from .conftest import CONFIGS
+from .method_helpers import aligned_logits, assert_steps_change_exactly, batch_for, perturb_trainable, sft_loss
 
 ADAPTER_METHODS = ["lora", "ia3", "prompt", "ptuning", "prefix", "ptuning_v2", "adapter", "mam", "unipelt"]
 MERGEABLE = ["lora", "ia3"]
@@ -43,49 +40,9 @@ def fresh_base(tiny_cfg):
     return load_model(model_cfg, cache)
 
 
-def batch_for(tokenizer):
-    examples = [
-        encode_example(
-            tokenizer,
-            ChatExample(({"role": "user", "content": row["instruction"]},), row["output"], f"mem:{i}"),
-            64,
-        )
-        for i, row in enumerate(synthetic_pairs(4))
-    ]
-    return TrainingCollator(tokenizer.pad_token_id)(examples)
-
-
-def aligned_logits(model, batch):
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return logits[:, -batch["input_ids"].shape[1] :]
-
-
 def adapted(name, tiny_cfg):
     loaded = fresh_base(tiny_cfg)
     return apply_method(loaded.model, method_cfg(name), loaded.tokenizer), loaded.tokenizer
-
-
-def assert_steps_change_exactly(model, batch, trainable: set[str]) -> None:
-    """Three AdamW steps change every parameter named in ``trainable`` and no other."""
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(3):
-        loss, _ = causal_lm_loss(aligned_logits(model, batch), batch["labels"])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    for n, p in model.named_parameters():
-        changed = not torch.equal(p.detach(), before[n])
-        assert changed == (n in trainable), f"{n} changed={changed} trainable={n in trainable}"
-
-
-def perturb_trainable(model) -> None:
-    """Move the trainable parameters away from their (often identity) init."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
 
 
 @pytest.mark.parametrize("name", ADAPTER_METHODS)
@@ -94,7 +51,7 @@ def test_training_changes_every_trainable_tensor_and_no_frozen_one(name, tiny_cf
     batch = batch_for(tokenizer)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and len(trainable) < len(list(model.parameters()))
-    assert_steps_change_exactly(model, batch, trainable)
+    assert_steps_change_exactly(model, sft_loss(batch), trainable)
 
 
 @pytest.mark.parametrize("name", ADAPTER_METHODS)
@@ -185,7 +142,7 @@ def test_bitfit_on_a_bias_free_llama_adds_zero_biases_and_trains_only_them(tiny_
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(".bias") for n in trainable)
     assert model.config.attention_bias and model.config.mlp_bias
-    assert_steps_change_exactly(model, batch, trainable)
+    assert_steps_change_exactly(model, sft_loss(batch), trainable)
     model.eval().save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():

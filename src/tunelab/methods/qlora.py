@@ -8,8 +8,9 @@ transformers model whose logits differ from the 4-bit adapter model's by the deq
 (measured in tests/test_qlora.py). peft + bitsandbytes do the work; this file configures and guards them.
 
 CPU trap (bitsandbytes 0.50, CPUs with avx512_bf16): an eval-mode no-grad forward repacks each 4-bit
-weight in place, after which LoRA gradients silently stop flowing. :func:`adapt_qlora` switches that
-repacking off on every 4-bit layer.
+weight in place, after which gradients through the 4-bit layers are silently zero (and inference numerics
+change by ~1e-3). :func:`keep_cpu_kernels_trainable` switches that repacking off on every 4-bit layer; the
+model loader calls it on every quantized load, :func:`adapt_qlora` again on the model it is given.
 """
 
 from __future__ import annotations
@@ -53,19 +54,24 @@ def four_bit_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
 
 
+def keep_cpu_kernels_trainable(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Switch off bitsandbytes' eval-time CPU weight repacking on every 4-bit layer; return those layers."""
+    layers = four_bit_layers(model)
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return layers
+
+
 def adapt_qlora(model: torch.nn.Module, method_cfg: DictConfig, tokenizer: Any = None) -> torch.nn.Module:
     """LoRA on a model loaded in 4 bits (``build_components`` loads it with :func:`qlora_quantization_config`)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    layers = four_bit_layers(model)
-    if not layers:
+    if not keep_cpu_kernels_trainable(model):
         raise ConfigError(
             f"method=qlora: {type(model).__name__} has no 4-bit Linear layers; it must be loaded with the qlora "
             "quantization config and have nn.Linear layers for bitsandbytes to quantize"
         )
-    for layer in layers:
-        layer.support_avx512bf16_for_cpu = False
-    checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+    checkpointing = bool(getattr(model, "is_activation_checkpointing", False))
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
     )

@@ -136,6 +136,10 @@ def load_model(model_cfg: DictConfig, cache_dir: str | Path, *, quantization_con
             attn_implementation=model_cfg.attn_implementation,
             quantization_config=quantization_config,
         )
+    if quantization_config is not None:
+        from tunelab.methods.qlora import keep_cpu_kernels_trainable
+
+        keep_cpu_kernels_trainable(model)
     model.train()  # from_pretrained returns eval mode; Lightning expects every module to train
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
