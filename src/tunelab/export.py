@@ -19,7 +19,7 @@ from tunelab.methods.inhouse import is_inhouse, is_inhouse_dir, load_inhouse, sa
 from tunelab.methods.qlora import four_bit_layers, merge_dequantized
 
 
-def export_adapter(model: torch.nn.Module, tokenizer: Any, directory: Path) -> Path:
+def export_adapter(model: torch.nn.Module, tokenizer: Any | None, directory: Path) -> Path:
     """Save the adapter (peft, or in-house: weights + method config) or, for full fine-tuning and bitfit, the
     whole model (transformers) to ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -27,7 +27,8 @@ def export_adapter(model: torch.nn.Module, tokenizer: Any, directory: Path) -> P
         save_inhouse(model, directory)
     else:
         model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
     return directory
 
 

@@ -18,6 +18,7 @@ from tunelab.methods.adapter import adapt_adapter
 from tunelab.methods.bitfit import adapt_bitfit
 from tunelab.methods.full import adapt_full
 from tunelab.methods.ia3 import adapt_ia3
+from tunelab.methods.inhouse import check_family_supports
 from tunelab.methods.lora import adapt_lora
 from tunelab.methods.mam import adapt_mam
 from tunelab.methods.prompt_learning import adapt_prefix, adapt_prompt, adapt_ptuning
@@ -44,6 +45,9 @@ def apply_method(model: torch.nn.Module, method_cfg: DictConfig, tokenizer: Any 
     """Adapt ``model`` with the method named by ``method_cfg.name``."""
     if method_cfg.name not in METHODS:
         raise ConfigError(f"method={method_cfg.name!r} is not one of {sorted(METHODS)}")
+    if required_sublayers(method_cfg):
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        check_family_supports(method_cfg.name, str(model_type), required_sublayers(method_cfg))
     return METHODS[method_cfg.name](model, method_cfg, tokenizer)
 
 

@@ -156,17 +156,6 @@ def attach(module: nn.Module, kind: str, branch: Branch) -> None:
     module.register_forward_hook(functools.partial(_add_branch_output, kind))
 
 
-def model_family(model: nn.Module) -> str:
-    """The ``SUBLAYERS`` family of a transformers model, or a one-sentence refusal."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in SUBLAYERS:
-        raise ConfigError(
-            f"in-house adapters know the sublayers of {sorted(SUBLAYERS)}, not model_type={model_type!r}; "
-            "use method=lora or method=ia3 for this model"
-        )
-    return model_type
-
-
 def check_family_supports(method_name: str, model_type: str, roles: list[str]) -> None:
     """Refuse, before any weights load, a method whose sublayer roles this model family lacks."""
     if model_type not in SUBLAYERS:
@@ -185,10 +174,7 @@ def check_family_supports(method_name: str, model_type: str, roles: list[str]) -
 
 def sublayers(model: nn.Module, role: str) -> list[tuple[str, nn.Module]]:
     """Modules playing ``role`` (e.g. ``ffn_output``) in every block, by name pattern of the model family."""
-    family = model_family(model)
-    pattern = SUBLAYERS[family].get(role)
-    if pattern is None:
-        raise ConfigError(f"model_type={family!r} has no single '{role}' module to adapt")
+    pattern = SUBLAYERS[model.config.model_type][role]  # apply_method checked both with check_family_supports
     regex = re.compile(rf"(^|\.){pattern}$")
     found = [(name, module) for name, module in model.named_modules() if regex.search(name)]
     if not found:
@@ -226,15 +212,38 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     for branch in switched:
         branch.enabled = False
     try:
-        with (
-            model.disable_adapter()
-            if hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
-            else (contextlib.nullcontext())
-        ):
+        with _peft_disabled(model):
             yield model
     finally:
         for branch in switched:
             branch.enabled = True
+
+
+@contextlib.contextmanager
+def _peft_disabled(model: nn.Module) -> Iterator[None]:
+    """peft's ``disable_adapter``, except for soft prompts on models that cannot generate (BERT classifiers):
+    there peft 0.21 crashes looking up ``prepare_inputs_for_generation`` and would keep the trained copy of
+    the classification head, so the forward is routed to the base model and the head copies switched off here.
+    """
+    if not hasattr(model, "peft_config"):
+        yield
+        return
+    if not model.active_peft_config.is_prompt_learning or hasattr(model.base_model, "prepare_inputs_for_generation"):
+        with model.disable_adapter():
+            yield
+        return
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    wrappers = [module for module in model.modules() if isinstance(module, AuxiliaryTrainingWrapper)]
+    model.forward = model.base_model.forward
+    for wrapper in wrappers:
+        wrapper.enable_adapters(False)
+    try:
+        yield
+    finally:
+        del model.forward  # back to the class's forward
+        for wrapper in wrappers:
+            wrapper.enable_adapters(True)
 
 
 def remember_method(model: nn.Module, method_cfg: DictConfig) -> nn.Module:

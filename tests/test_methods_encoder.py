@@ -1,0 +1,127 @@
+"""Encoder side of the method matrix: a tiny random BERT with a 3-class head (peft task type SEQ_CLS).
+
+Same checks as tests/test_methods.py where the method applies: what trains, save -> load round trip,
+disabling restores the base, merging (lora, ia3). MAM needs one FFN module per block, which BERT lacks
+(its FFN is two modules): it is refused with a one-sentence error.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from tunelab.errors import ConfigError
+from tunelab.export import export_adapter, load_exported
+from tunelab.methods import apply_method
+from tunelab.methods.inhouse import adapters_disabled
+
+from .conftest import CONFIGS
+from .method_helpers import assert_steps_change_exactly, perturb_trainable
+
+ENCODER_METHODS = ["lora", "ia3", "prompt", "ptuning", "prefix", "ptuning_v2", "adapter", "unipelt"]
+ENCODER_TARGETS = {
+    "lora": {"target_modules": ["query", "value"]},
+    "ia3": {"target_modules": ["key", "value", "output.dense"], "feedforward_modules": ["output.dense"]},
+}
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        num_labels=3,
+    )
+    return BertForSequenceClassification(config)
+
+
+def encoder_method_cfg(name: str):
+    cfg = OmegaConf.load(CONFIGS / "method" / f"{name}.yaml")
+    for key, value in ENCODER_TARGETS.get(name, {}).items():
+        cfg[key] = value
+    if "num_virtual_tokens" in cfg:
+        cfg.num_virtual_tokens = 4
+    if name == "prompt":
+        cfg.init = "vocab"  # text init needs a tokenizer; this test has none
+    return cfg
+
+
+def batch():
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 1000, (4, 12), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[2:, 9:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 2, 1])}
+
+
+def logits(model, inputs) -> torch.Tensor:
+    return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+
+
+def classification_loss(inputs):
+    return lambda model: torch.nn.functional.cross_entropy(logits(model, inputs), inputs["labels"])
+
+
+def adapted_bert(name):
+    return apply_method(tiny_bert(), encoder_method_cfg(name))
+
+
+@pytest.mark.parametrize("name", [*ENCODER_METHODS, "bitfit"])
+def test_training_changes_every_trainable_tensor_and_no_frozen_one(name):
+    model = adapted_bert(name)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and len(trainable) < len(list(model.parameters()))
+    assert_steps_change_exactly(model, classification_loss(batch()), trainable)
+
+
+@pytest.mark.parametrize("name", ENCODER_METHODS)
+def test_save_load_round_trip_and_disable_restore_the_right_logits(name, tmp_path):
+    model = adapted_bert(name)
+    perturb_trainable(model)
+    model.eval()
+    export_adapter(model, None, tmp_path)
+    reloaded = load_exported(tiny_bert(), tmp_path).eval()
+    inputs = batch()
+    with torch.no_grad():
+        adapted_logits = logits(model, inputs)
+        assert torch.equal(logits(reloaded, inputs), adapted_logits)
+        base_logits = logits(tiny_bert().eval(), inputs)
+        assert not torch.allclose(adapted_logits, base_logits, atol=1e-4)
+        with adapters_disabled(model):
+            torch.testing.assert_close(logits(model, inputs), base_logits, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["lora", "ia3"])
+def test_merged_logits_equal_adapter_logits(name):
+    model = adapted_bert(name)
+    perturb_trainable(model)
+    model.eval()
+    inputs = batch()
+    with torch.no_grad():
+        expected = logits(model, inputs)
+        torch.testing.assert_close(logits(model.merge_and_unload(), inputs), expected, atol=1e-4, rtol=0)
+
+
+def test_bitfit_trains_the_existing_biases_and_round_trips(tmp_path):
+    from transformers import BertForSequenceClassification
+
+    model = adapted_bert("bitfit")
+    assert all(n.endswith(".bias") for n, p in model.named_parameters() if p.requires_grad)
+    perturb_trainable(model)
+    model.eval().save_pretrained(tmp_path)
+    inputs = batch()
+    with torch.no_grad():
+        reloaded = BertForSequenceClassification.from_pretrained(tmp_path).eval()
+        assert torch.equal(logits(reloaded, inputs), logits(model, inputs))
+
+
+def test_mam_is_refused_on_an_encoder_with_a_two_module_ffn():
+    with pytest.raises(ConfigError, match="adapts the 'ffn' sublayer, which model_type='bert'"):
+        adapted_bert("mam")
