@@ -9,6 +9,7 @@ Full fine-tuning exports the whole model in that same format.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +57,32 @@ def load_exported(base_model: torch.nn.Module, directory: Path, tokenizer: Any =
     from peft import PeftModel
 
     return PeftModel.from_pretrained(base_model, directory)
+
+
+def load_adapter_set(base_model: torch.nn.Module, adapters: Mapping[str, Path]) -> torch.nn.Module:
+    """One base model carrying several named peft adapters (lora, qlora, ia3), e.g. one per task.
+
+    The first adapter is active; ``model.set_adapter(name)`` switches in place, without reloading the base.
+    In-house adapters (adapter, mam, unipelt) and soft prompts hold one adapter per model and are refused.
+    """
+    import json
+
+    from peft import PeftModel
+
+    from tunelab.errors import ConfigError
+
+    if not adapters:
+        raise ConfigError("load_adapter_set needs at least one {name: adapter directory}")
+    for name, directory in adapters.items():
+        config_file = Path(directory) / "adapter_config.json"
+        if not config_file.exists():
+            raise ConfigError(
+                f"adapter '{name}': {config_file} not found (only peft lora / qlora / ia3 adapters switch)"
+            )
+        if json.loads(config_file.read_text()).get("peft_type") not in ("LORA", "IA3"):
+            raise ConfigError(f"adapter '{name}' in {directory} is not a LoRA / IA3 adapter: peft cannot switch it")
+    (first_name, first_dir), *rest = adapters.items()
+    model = PeftModel.from_pretrained(base_model, first_dir, adapter_name=first_name)
+    for name, directory in rest:
+        model.load_adapter(directory, adapter_name=name)
+    return model
