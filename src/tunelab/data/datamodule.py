@@ -1,4 +1,7 @@
-"""The SFT data module: local files (or a packaged data set) -> seeded splits -> tokenized batches.
+"""Data modules: local files (or a packaged data set) -> seeded splits -> tokenized batches.
+
+:class:`SplitDataModule` holds what every task shares (splits, a resumable rank-sharded training sampler,
+its position in checkpoints); :class:`SFTDataModule` adds chat examples and generation prompts.
 
 Splits: when only ``data.path`` is given, the examples are shuffled once with ``data.split_seed`` and cut
 into test (first ``test_size``), validation (next ``val_size``) and train (the rest, capped at
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +32,18 @@ from tunelab.errors import ConfigError
 
 log = logging.getLogger("tunelab.data")
 
-BUILDERS = ("hpo_qa",)
+BUILDERS = ("hpo_qa", "finsent")
+
+
+def build_packaged(builder: str, cache_dir: str | Path) -> Path:
+    """The file a packaged data set is built into (once, in the cache)."""
+    if builder == "finsent":
+        from tunelab.assets.finsent import ensure_finsent
+
+        return ensure_finsent(cache_dir)
+    from tunelab.assets.hpo_qa import ensure_hpo_qa
+
+    return ensure_hpo_qa(cache_dir)
 
 
 def resolve_data_path(data_cfg: DictConfig, cache_dir: str | Path) -> Path:
@@ -36,9 +51,7 @@ def resolve_data_path(data_cfg: DictConfig, cache_dir: str | Path) -> Path:
     if data_cfg.get("builder"):
         if data_cfg.builder not in BUILDERS:
             raise ConfigError(f"data.builder={data_cfg.builder!r} is not one of {list(BUILDERS)}")
-        from tunelab.assets.hpo_qa import ensure_hpo_qa
-
-        return ensure_hpo_qa(cache_dir)
+        return build_packaged(data_cfg.builder, cache_dir)
     if not data_cfg.get("path"):
         raise ConfigError(f"data={data_cfg.name}: set data.path to a local .jsonl/.json/.csv/.parquet file")
     return Path(data_cfg.path)
@@ -55,7 +68,7 @@ def split_size(value: float | int | None, total: int, name: str) -> int:
     return int(value)
 
 
-def seeded_split(examples: list[ChatExample], data_cfg: DictConfig) -> dict[str, list[ChatExample]]:
+def seeded_split(examples: list[Any], data_cfg: DictConfig) -> dict[str, list[Any]]:
     """Shuffle once with ``split_seed`` and cut test / val / train (see module docstring)."""
     generator = torch.Generator().manual_seed(data_cfg.split_seed)
     order = torch.randperm(len(examples), generator=generator).tolist()
@@ -74,14 +87,14 @@ def seeded_split(examples: list[ChatExample], data_cfg: DictConfig) -> dict[str,
     }
 
 
-class SFTDataModule(LightningDataModule):
-    def __init__(
-        self, data_cfg: DictConfig, tokenizer: Any, cache_dir: str | Path, generation_samples: int = 0
-    ) -> None:
+class SplitDataModule(LightningDataModule):
+    """Splits of encoded examples and the loaders every task shares; subclasses fill ``splits`` in ``setup``
+    and name their batch collator in :meth:`collator`."""
+
+    def __init__(self, data_cfg: DictConfig, cache_dir: str | Path) -> None:
         super().__init__()
-        self.cfg, self.tokenizer, self.cache_dir = data_cfg, tokenizer, cache_dir
-        self.generation_samples = generation_samples
-        self.splits: dict[str, list[EncodedExample]] = {}
+        self.cfg, self.cache_dir = data_cfg, cache_dir
+        self.splits: dict[str, list[Any]] = {}
         self.report: dict[str, Any] = {}
         self._resume: dict[str, int] | None = None
         self._sampler: ResumableSampler | None = None
@@ -89,27 +102,19 @@ class SFTDataModule(LightningDataModule):
     def prepare_data(self) -> None:
         resolve_data_path(self.cfg, self.cache_dir)
 
-    def _load(self, path: str | Path) -> list[ChatExample]:
-        result = load_examples(path, self.cfg.format, on_error=self.cfg.on_error, limit=self.cfg.get("limit"))
-        self.report.setdefault("skipped_records", {})[str(path)] = len(result.skipped)
-        return result.examples
+    def collator(self) -> Any:
+        raise NotImplementedError
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
-        examples = self._load(resolve_data_path(self.cfg, self.cache_dir))
-        if self.cfg.get("val_path") or self.cfg.get("test_path"):
-            raw = {"train": examples[: split_size(self.cfg.train_size, len(examples), "train_size")]}
-            for split in ("val", "test"):
-                path = self.cfg.get(f"{split}_path")
-                raw[split] = self._load(path) if path else []
-        else:
-            raw = seeded_split(examples, self.cfg)
-        for split, items in raw.items():
-            encoded, dropped = encode_examples(self.tokenizer, items, self.cfg.max_length, self.cfg.on_overflow)
-            self.splits[split] = encoded
-            self.report[split] = {"examples": len(encoded), "dropped_overflow": len(dropped)}
-        log.info("Data %s: %s", self.cfg.name, {k: v["examples"] for k, v in self.report.items() if k in raw})
+    def raw_splits(self, load: Callable[[str | Path], list[Any]]) -> dict[str, list[Any]]:
+        """train / val / test examples: ``val_path`` / ``test_path`` when given, else a seeded split."""
+        examples = load(resolve_data_path(self.cfg, self.cache_dir))
+        if not (self.cfg.get("val_path") or self.cfg.get("test_path")):
+            return seeded_split(examples, self.cfg)
+        raw = {"train": examples[: split_size(self.cfg.train_size, len(examples), "train_size")]}
+        for split in ("val", "test"):
+            path = self.cfg.get(f"{split}_path")
+            raw[split] = load(path) if path else []
+        return raw
 
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -138,32 +143,24 @@ class SFTDataModule(LightningDataModule):
             self.splits["train"],
             batch_size=self.cfg.batch_size,
             sampler=self._sampler,
-            collate_fn=TrainingCollator(self.tokenizer.pad_token_id, self.cfg.pad_to_multiple_of),
+            collate_fn=self.collator(),
             num_workers=self.cfg.num_workers,
             generator=self._loader_generator(),
         )
 
-    def _eval_loaders(self, split: str) -> list[DataLoader]:
+    def _loader(self, items: list[Any], collate_fn: Any) -> DataLoader:
+        """An evaluation loader: in order, sharded over ranks without padding."""
         rank, world = self._rank_and_world()
-        items = self.splits[split]
-        loss_loader = DataLoader(
+        return DataLoader(
             items,
             batch_size=self.cfg.eval_batch_size,
             sampler=ResumableSampler(len(items), shuffle=False, seed=0, rank=rank, world_size=world, pad=False),
-            collate_fn=TrainingCollator(self.tokenizer.pad_token_id, self.cfg.pad_to_multiple_of),
+            collate_fn=collate_fn,
             generator=self._loader_generator(),
         )
-        if not self.generation_samples:
-            return [loss_loader]
-        prompts = items[: self.generation_samples]
-        generation_loader = DataLoader(
-            prompts,
-            batch_size=self.cfg.eval_batch_size,
-            sampler=ResumableSampler(len(prompts), shuffle=False, seed=0, rank=rank, world_size=world, pad=False),
-            collate_fn=GenerationCollator(self.tokenizer.pad_token_id),
-            generator=self._loader_generator(),
-        )
-        return [loss_loader, generation_loader]
+
+    def _eval_loaders(self, split: str) -> list[DataLoader]:
+        return [self._loader(self.splits[split], self.collator())]
 
     def val_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders("val")
@@ -185,3 +182,38 @@ class SFTDataModule(LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self._resume = dict(state_dict) if state_dict else None
+
+
+class SFTDataModule(SplitDataModule):
+    def __init__(
+        self, data_cfg: DictConfig, tokenizer: Any, cache_dir: str | Path, generation_samples: int = 0
+    ) -> None:
+        super().__init__(data_cfg, cache_dir)
+        self.tokenizer, self.generation_samples = tokenizer, generation_samples
+        self.splits: dict[str, list[EncodedExample]] = {}
+
+    def collator(self) -> TrainingCollator:
+        return TrainingCollator(self.tokenizer.pad_token_id, self.cfg.pad_to_multiple_of)
+
+    def _load(self, path: str | Path) -> list[ChatExample]:
+        result = load_examples(path, self.cfg.format, on_error=self.cfg.on_error, limit=self.cfg.get("limit"))
+        self.report.setdefault("skipped_records", {})[str(path)] = len(result.skipped)
+        return result.examples
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        raw = self.raw_splits(self._load)
+        for split, items in raw.items():
+            encoded, dropped = encode_examples(self.tokenizer, items, self.cfg.max_length, self.cfg.on_overflow)
+            self.splits[split] = encoded
+            self.report[split] = {"examples": len(encoded), "dropped_overflow": len(dropped)}
+        log.info("Data %s: %s", self.cfg.name, {k: v["examples"] for k, v in self.report.items() if k in raw})
+
+    def _eval_loaders(self, split: str) -> list[DataLoader]:
+        """Teacher-forced loss batches, plus left-padded prompts of the first ``generation_samples`` examples."""
+        loaders = super()._eval_loaders(split)
+        if self.generation_samples:
+            prompts = self.splits[split][: self.generation_samples]
+            loaders.append(self._loader(prompts, GenerationCollator(self.tokenizer.pad_token_id)))
+        return loaders
