@@ -37,6 +37,51 @@ def alpaca_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+SENTIMENT_WORDS = {
+    "negative": ["loss", "fall", "drop", "miss", "slump"],
+    "neutral": ["report", "meeting", "schedule", "filing", "update"],
+    "positive": ["gain", "rise", "surge", "beat", "profit"],
+}
+
+
+def synthetic_sentiment(count: int) -> list[dict[str, str]]:
+    """Short texts whose label is carried by two cue words: learnable by a tiny model in a few steps."""
+    labels = list(SENTIMENT_WORDS)
+    rows = []
+    for i in range(count):
+        label = labels[i % 3]
+        words = SENTIMENT_WORDS[label]
+        rows.append({"text": f"item {i}: {words[i % 5]} and {words[(i // 3) % 5]}", "label": label})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def labeled_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "sentiment.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in synthetic_sentiment(240)))
+    return path
+
+
+def tiny_classification_overrides(labeled_file: Path, output_dir: Path, model: str = "tiny_bert") -> list[str]:
+    """task=classification on a tiny random model and the synthetic sentiment file; seconds per run."""
+    return [
+        "task=classification",
+        f"model={model}",
+        "data.builder=null",
+        f"data.path={labeled_file}",
+        f"paths.output_dir={output_dir}",
+        "data.val_size=30",
+        "data.test_size=30",
+        "data.batch_size=8",
+        "data.max_length=32",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1",
+        "task.optimizer.lr=1e-3",
+    ]
+
+
 def tiny_overrides(alpaca_file: Path, output_dir: Path) -> list[str]:
     """A tiny random Llama on the synthetic file; seconds per run on CPU."""
     return [

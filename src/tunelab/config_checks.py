@@ -6,6 +6,7 @@ from omegaconf import DictConfig
 
 from tunelab.errors import ConfigError
 
+ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "deberta", "deberta-v2", "electra", "mpnet")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
 
 
@@ -36,6 +37,12 @@ def check_method_fits_model(cfg: DictConfig) -> None:
     model_type = declared_model_type(cfg.model)
     if required_sublayers(cfg.method) and model_type:
         check_family_supports(method, model_type, required_sublayers(cfg.method))
+    if cfg.task.name == "classification" and method in ("prompt", "ptuning") and model_type not in ENCODER_MODEL_TYPES:
+        raise ConfigError(
+            f"method={method} cannot feed task=classification on the decoder model={cfg.model.name}: its head scores "
+            "the last non-pad token, which peft's virtual-token inputs hide; use an encoder (model=minilm_l6) or "
+            "method=prefix / ptuning_v2 / lora"
+        )
     sharded = "fsdp" in str(cfg.trainer.strategy) or "stage_3" in str(cfg.trainer.strategy)
     if method == "qlora" and sharded and cfg.method.quant_storage == "uint8":
         raise ConfigError(

@@ -32,24 +32,28 @@ def locate_run(cfg: DictConfig) -> tuple[Path, DictConfig]:
 
 def load_adapter(run_cfg: DictConfig, adapter_dir: Path, cache_dir: str) -> tuple[Any, Any]:
     """Model + tokenizer from an exported adapter (peft or in-house) or full model directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from tunelab.export import load_exported
     from tunelab.methods import quantization_config
     from tunelab.methods.inhouse import is_inhouse_dir
-    from tunelab.models.loading import load_model, torch_dtype
+    from tunelab.models.loading import load_model, model_class, torch_dtype
+    from tunelab.train import task_head
 
+    head, labels = task_head(run_cfg)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     if (adapter_dir / "adapter_config.json").exists() or is_inhouse_dir(adapter_dir):
-        base = load_model(run_cfg.model, cache_dir, quantization_config=quantization_config(run_cfg.method)).model
+        quantization = quantization_config(run_cfg.method)
+        base = load_model(run_cfg.model, cache_dir, quantization_config=quantization, head=head, labels=labels).model
         return load_exported(base, adapter_dir, tokenizer), tokenizer
-    return AutoModelForCausalLM.from_pretrained(adapter_dir, dtype=torch_dtype(run_cfg.model.dtype)), tokenizer
+    return model_class(head).from_pretrained(adapter_dir, dtype=torch_dtype(run_cfg.model.dtype)), tokenizer
 
 
 def markdown_report(run_dir: Path, split: str, metrics: dict[str, float], samples: list[dict[str, str]]) -> str:
     lines = [f"# Evaluation of {run_dir} on the {split} split", "", "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {value:.4f} |" for name, value in sorted(metrics.items())]
-    lines += ["", "## Sample generations", ""]
+    if samples:
+        lines += ["", "## Sample generations", ""]
     for i, sample in enumerate(samples, 1):
         lines += [
             f"### {i}. {sample['question']}",
@@ -72,7 +76,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     split = cfg.split
     if split not in ("test", "val"):
         raise ConfigError(f"split={split!r} is not one of ['test', 'val']")
-    run_cfg.task.generation = cfg.generation
+    if "generation" in run_cfg.task:
+        run_cfg.task.generation = cfg.generation
     run_cfg.paths.cache_dir = cfg.paths.cache_dir
     pl.seed_everything(run_cfg.seed)
     components = build_components(run_cfg)
@@ -93,12 +98,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     )
     results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     metrics = {k.replace("test/", f"{split}/"): float(v) for k, v in results.items()}
-    samples = module.test_samples[: cfg.report_samples]
+    all_samples = getattr(module, "test_samples", [])
+    samples = all_samples[: cfg.report_samples]
     report_dir = Path(cfg.report_dir) if cfg.report_dir else run_dir / f"eval_{split}"
     report_dir.mkdir(parents=True, exist_ok=True)
     source = str(cfg.ckpt_path or cfg.adapter_path)
+    summary = {
+        k.replace("test/", f"{split}/"): v for k, v in (module.summary() if hasattr(module, "summary") else {}).items()
+    }
     (report_dir / "report.json").write_text(
-        json.dumps({"source": source, "split": split, "metrics": metrics, "samples": module.test_samples}, indent=2)
+        json.dumps({"source": source, "split": split, "metrics": metrics, "samples": all_samples, **summary}, indent=2)
     )
     (report_dir / "report.md").write_text(markdown_report(run_dir, split, metrics, samples))
     print(f"[tunelab] report written to {report_dir}/report.md", flush=True)

@@ -39,22 +39,55 @@ def build_trainer(cfg: DictConfig, model: Any, callbacks: list[Any], loggers: li
     return instantiate(cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers or False)
 
 
-def build_components(cfg: DictConfig) -> dict[str, Any]:
-    """Model (adapted by the method), tokenizer, data module and task module for ``cfg``."""
+TASK_HEADS = {"sft": "causal_lm", "classification": "sequence_classification"}
+
+
+def task_head(cfg: DictConfig) -> tuple[str, list[str] | None]:
+    """The model head a task needs and, for classification, the label set (from ``data.labels``)."""
+    from tunelab.errors import ConfigError
+
+    if cfg.task.name not in TASK_HEADS:
+        raise ConfigError(f"task={cfg.task.name!r} is not one of {sorted(TASK_HEADS)}")
+    head = TASK_HEADS[cfg.task.name]
+    if head == "causal_lm":
+        return head, None
+    if not cfg.data.get("labels"):
+        raise ConfigError(f"task={cfg.task.name} needs data.labels (the label set); data={cfg.data.name} has none")
+    return head, list(cfg.data.labels)
+
+
+def build_task(cfg: DictConfig, model: Any, tokenizer: Any) -> tuple[Any, Any]:
+    """The data module and task module of ``cfg.task`` around the adapted ``model``."""
+    trains_all_weights = cfg.method.name == "full"
+    if cfg.task.name == "classification":
+        from tunelab.data.datamodule import ClassificationDataModule
+        from tunelab.tasks.classification import ClassificationModule
+
+        datamodule = ClassificationDataModule(cfg.data, tokenizer, cfg.paths.cache_dir)
+        return datamodule, ClassificationModule(model, cfg.task, datamodule.labels, trains_all_weights)
     from tunelab.data.datamodule import SFTDataModule
-    from tunelab.methods import apply_method, parameter_report, quantization_config
-    from tunelab.models.loading import load_model
     from tunelab.tasks.sft import SFTModule
 
-    loaded = load_model(cfg.model, cfg.paths.cache_dir, quantization_config=quantization_config(cfg.method))
+    datamodule = SFTDataModule(cfg.data, tokenizer, cfg.paths.cache_dir, cfg.task.generation.num_samples)
+    return datamodule, SFTModule(model, tokenizer, cfg.task, trains_all_weights)
+
+
+def build_components(cfg: DictConfig) -> dict[str, Any]:
+    """Model (adapted by the method), tokenizer, data module and task module for ``cfg``."""
+    from tunelab.methods import apply_method, parameter_report, quantization_config, train_new_head
+    from tunelab.models.loading import load_model
+
+    head, labels = task_head(cfg)
+    loaded = load_model(
+        cfg.model, cfg.paths.cache_dir, quantization_config=quantization_config(cfg.method), head=head, labels=labels
+    )
     model = apply_method(loaded.model, cfg.method, loaded.tokenizer)
+    if labels:
+        train_new_head(model)
     report = parameter_report(model)
     log.info("method=%s: %s", cfg.method.name, report)
     print(f"[tunelab] method={cfg.method.name} model={cfg.model.name}: {report}", flush=True)
-    datamodule = SFTDataModule(
-        cfg.data, loaded.tokenizer, cfg.paths.cache_dir, generation_samples=cfg.task.generation.num_samples
-    )
-    module = SFTModule(model, loaded.tokenizer, cfg.task, trains_all_weights=cfg.method.name == "full")
+    datamodule, module = build_task(cfg, model, loaded.tokenizer)
     return {
         "model": model,
         "tokenizer": loaded.tokenizer,
@@ -117,6 +150,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             metrics["merged_dir"] = str(export_merged(objects["model"], objects["tokenizer"], output_dir / "merged"))
         metrics["data"] = datamodule.report
         metrics.update(perf_summary(callbacks, module))
+        metrics.update(module.summary() if hasattr(module, "summary") else {})
         write_json(output_dir / "metrics.json", metrics)
     _finish_loggers(loggers)
     return metrics, objects

@@ -1,8 +1,9 @@
-"""Batch collation: right-padded training batches, left-padded prompts for generation."""
+"""Batch collation: right-padded training batches, left-padded prompts for generation, labeled texts."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -48,4 +49,25 @@ class GenerationCollator:
             "prompt_attention_mask": _pad([[1] * len(p) for p in prompts], 0, True, None),
             "questions": [ex.question for ex in examples],
             "references": [ex.response for ex in examples],
+        }
+
+
+@dataclass(frozen=True)
+class EncodedLabeled:
+    input_ids: list[int]
+    label: int
+
+
+class ClassificationCollator:
+    """``input_ids`` / ``attention_mask`` right-padded to the longest row (or a multiple), and class ``labels``."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+        self.pad_token_id, self.pad_to_multiple_of = pad_token_id, pad_to_multiple_of
+
+    def __call__(self, examples: Sequence[EncodedLabeled]) -> dict[str, torch.Tensor]:
+        ids = [ex.input_ids for ex in examples]
+        return {
+            "input_ids": _pad(ids, self.pad_token_id, False, self.pad_to_multiple_of),
+            "attention_mask": _pad([[1] * len(r) for r in ids], 0, False, self.pad_to_multiple_of),
+            "labels": torch.tensor([ex.label for ex in examples], dtype=torch.long),
         }

@@ -23,7 +23,8 @@ from lightning.pytorch import LightningDataModule
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from tunelab.data.collate import GenerationCollator, TrainingCollator
+from tunelab.data.collate import ClassificationCollator, EncodedLabeled, GenerationCollator, TrainingCollator
+from tunelab.data.labeled import LabeledExample, load_labeled
 from tunelab.data.loading import load_examples
 from tunelab.data.records import ChatExample
 from tunelab.data.sampler import ResumableSampler
@@ -217,3 +218,46 @@ class SFTDataModule(SplitDataModule):
             prompts = self.splits[split][: self.generation_samples]
             loaders.append(self._loader(prompts, GenerationCollator(self.tokenizer.pad_token_id)))
         return loaders
+
+
+class ClassificationDataModule(SplitDataModule):
+    """Labeled texts (``data.labels`` is the label set, in class-index order) -> right-padded token batches
+    ``{input_ids, attention_mask, labels}``; texts longer than ``max_length`` tokens are truncated (counted)."""
+
+    def __init__(self, data_cfg: DictConfig, tokenizer: Any, cache_dir: str | Path) -> None:
+        super().__init__(data_cfg, cache_dir)
+        self.tokenizer = tokenizer
+        self.labels = list(data_cfg.labels)
+
+    def collator(self) -> ClassificationCollator:
+        return ClassificationCollator(self.tokenizer.pad_token_id, self.cfg.pad_to_multiple_of)
+
+    def _load(self, path: str | Path) -> list[LabeledExample]:
+        loaded = load_labeled(
+            path,
+            self.cfg.format,
+            self.labels,
+            on_error=self.cfg.on_error,
+            duplicates=self.cfg.duplicates,
+            text_field=self.cfg.text_field,
+            label_field=self.cfg.label_field,
+        )
+        self.report.setdefault("problems", {})[str(path)] = dict(loaded.report)
+        return loaded.examples[: self.cfg.get("limit")]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        for split, items in self.raw_splits(self._load).items():
+            encoded = self.tokenizer([ex.text for ex in items], truncation=False)["input_ids"]
+            truncated = sum(len(ids) > self.cfg.max_length for ids in encoded)
+            self.splits[split] = [
+                EncodedLabeled(ids[: self.cfg.max_length], ex.label) for ids, ex in zip(encoded, items, strict=True)
+            ]
+            counts = [sum(ex.label == index for ex in items) for index in range(len(self.labels))]
+            self.report[split] = {"examples": len(items), "truncated": truncated, "per_label": counts}
+        log.info("Data %s: %s", self.cfg.name, {k: self.report[k]["examples"] for k in ("train", "val", "test")})
+
+    def label_counts(self) -> list[int]:
+        """Training examples per class (for class weights)."""
+        return self.report["train"]["per_label"]

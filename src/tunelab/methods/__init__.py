@@ -66,6 +66,19 @@ def quantization_config(method_cfg: DictConfig) -> Any:
     return qlora_quantization_config(method_cfg) if method_cfg.name == "qlora" else None
 
 
+HEAD_MODULES = ("classifier", "score")  # classification heads of BERT-like / decoder *ForSequenceClassification
+
+
+def train_new_head(model: torch.nn.Module) -> None:
+    """A classification head starts random, so it trains under every method. peft's ``SEQ_CLS`` already trains
+    a copy of it (``modules_to_save``); for the in-house and non-peft methods it is switched on here."""
+    if is_peft_model(model):
+        return
+    for name, param in model.named_parameters():
+        if name.split(".")[0] in HEAD_MODULES:
+            param.requires_grad_(True)
+
+
 def is_peft_model(model: torch.nn.Module) -> bool:
     """True when the model is wrapped by peft (adapters save in peft format)."""
     from peft import PeftModel

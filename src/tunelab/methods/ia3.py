@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from tunelab.methods.peft_task import peft_task_type
+from tunelab.methods.peft_task import module_names, peft_task_type
 
 
 def adapt_ia3(model: torch.nn.Module, method_cfg: DictConfig, tokenizer: Any = None) -> torch.nn.Module:
@@ -21,7 +21,7 @@ def adapt_ia3(model: torch.nn.Module, method_cfg: DictConfig, tokenizer: Any = N
 
     config = IA3Config(
         task_type=peft_task_type(model),
-        target_modules=list(OmegaConf.to_container(method_cfg.target_modules)),
-        feedforward_modules=list(OmegaConf.to_container(method_cfg.feedforward_modules)),
+        target_modules=module_names(method_cfg.target_modules),
+        feedforward_modules=module_names(method_cfg.feedforward_modules),
     )
     return get_peft_model(model, config)

@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from tunelab.errors import ConfigError
-from tunelab.methods.peft_task import peft_task_type
+from tunelab.methods.peft_task import module_names, peft_task_type
 
 
 def lora_config(method_cfg: DictConfig, task_type: str):
@@ -22,15 +22,12 @@ def lora_config(method_cfg: DictConfig, task_type: str):
 
     if method_cfg.r <= 0:
         raise ConfigError(f"method.r must be a positive rank, got {method_cfg.r}")
-    target_modules = method_cfg.target_modules
-    if not isinstance(target_modules, str):
-        target_modules = list(OmegaConf.to_container(target_modules))
     return LoraConfig(
         task_type=task_type,
         r=method_cfg.r,
         lora_alpha=method_cfg.alpha,
         lora_dropout=method_cfg.dropout,
-        target_modules=target_modules,
+        target_modules=module_names(method_cfg.target_modules),
         bias=method_cfg.bias,
         use_rslora=method_cfg.use_rslora,
     )

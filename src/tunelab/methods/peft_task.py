@@ -3,7 +3,10 @@ head stays trainable: ``SEQ_CLS`` keeps the classification head trainable next t
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from omegaconf import OmegaConf
 
 SUFFIXES = {
     "ForCausalLM": "CAUSAL_LM",
@@ -17,3 +20,10 @@ def peft_task_type(model: torch.nn.Module) -> str:
     """``CAUSAL_LM``, ``SEQ_CLS``, ... from the model class; a bare backbone is ``FEATURE_EXTRACTION``."""
     name = type(model).__name__
     return next((task for suffix, task in SUFFIXES.items() if name.endswith(suffix)), "FEATURE_EXTRACTION")
+
+
+def module_names(value: Any) -> str | list[str]:
+    """A peft ``target_modules``-style value from config: a string (e.g. ``all-linear``) or a plain list."""
+    if isinstance(value, str):
+        return value
+    return [str(name) for name in (OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)]

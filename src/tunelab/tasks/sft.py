@@ -10,19 +10,17 @@ Test mirrors validation under the ``test/`` prefix.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from omegaconf import DictConfig
 from torchmetrics import MeanMetric
 
 from tunelab.data.tokenization import IGNORE_INDEX
 from tunelab.generation import generate_answers
 from tunelab.metrics.text import GenerationMetrics, token_accuracy
-from tunelab.tasks.optim import build_optimizer
+from tunelab.tasks.base import TaskModule
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,11 +33,10 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return summed / count.clamp(min=1), count
 
 
-class SFTModule(LightningModule):
+class SFTModule(TaskModule):
     def __init__(self, model: torch.nn.Module, tokenizer: Any, task_cfg: DictConfig, trains_all_weights: bool):
-        super().__init__()
-        self.model, self.tokenizer, self.cfg = model, tokenizer, task_cfg
-        self.trains_all_weights = trains_all_weights
+        super().__init__(model, task_cfg, trains_all_weights)
+        self.tokenizer = tokenizer
         self.stage_metrics = torch.nn.ModuleDict(
             {
                 stage: torch.nn.ModuleDict(
@@ -48,7 +45,6 @@ class SFTModule(LightningModule):
                 for stage in ("val", "test")
             }
         )
-        self.strict_loading = trains_all_weights
         self.test_samples: list[dict[str, str]] = []
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -108,31 +104,3 @@ class SFTModule(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        return build_optimizer(self.model, self.cfg.optimizer, self.cfg.scheduler, self.total_training_steps())
-
-    def total_training_steps(self) -> int:
-        """Optimizer steps of the whole run, from the data length (never ``estimated_stepping_batches``)."""
-        trainer = self.trainer
-        per_epoch = math.ceil(trainer.datamodule.num_train_batches() / trainer.accumulate_grad_batches)
-        if trainer.max_epochs is not None and trainer.max_epochs > 0:
-            epochs_steps = per_epoch * trainer.max_epochs
-            return min(epochs_steps, trainer.max_steps) if trainer.max_steps > 0 else epochs_steps
-        return trainer.max_steps if trainer.max_steps > 0 else per_epoch
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Parameter-efficient methods checkpoint only what trains; the frozen base comes from the config."""
-        if self.trains_all_weights:
-            return
-        trainable = {name for name, param in self.named_parameters() if param.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {name for name, param in self.named_parameters() if param.requires_grad}
-        missing = sorted(trainable - set(checkpoint["state_dict"]))
-        if missing:
-            raise RuntimeError(
-                f"checkpoint lacks {len(missing)} trainable tensors of this method (e.g. {missing[0]}); "
-                "was it written with another method= or model=?"
-            )
