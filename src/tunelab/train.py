@@ -39,16 +39,27 @@ def build_trainer(cfg: DictConfig, model: Any, callbacks: list[Any], loggers: li
     return instantiate(cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers or False)
 
 
-TASK_HEADS = {"sft": "causal_lm", "classification": "sequence_classification"}
+OBJECTIVE_HEADS = {"sft": "causal_lm", "classification": "sequence_classification"}
+TASKS = ("sft", "classification", "distill")
+
+
+def task_objective(cfg: DictConfig) -> str:
+    """What the student optimises: the task itself, or for task=distill its ``task.objective``."""
+    from tunelab.errors import ConfigError
+
+    if cfg.task.name not in TASKS:
+        raise ConfigError(f"task={cfg.task.name!r} is not one of {list(TASKS)}")
+    objective = cfg.task.objective if cfg.task.name == "distill" else cfg.task.name
+    if objective not in OBJECTIVE_HEADS:
+        raise ConfigError(f"task.objective={objective!r} is not one of {sorted(OBJECTIVE_HEADS)}")
+    return objective
 
 
 def task_head(cfg: DictConfig) -> tuple[str, list[str] | None]:
     """The model head a task needs and, for classification, the label set (from ``data.labels``)."""
     from tunelab.errors import ConfigError
 
-    if cfg.task.name not in TASK_HEADS:
-        raise ConfigError(f"task={cfg.task.name!r} is not one of {sorted(TASK_HEADS)}")
-    head = TASK_HEADS[cfg.task.name]
+    head = OBJECTIVE_HEADS[task_objective(cfg)]
     if head == "causal_lm":
         return head, None
     if not cfg.data.get("labels"):
@@ -58,18 +69,33 @@ def task_head(cfg: DictConfig) -> tuple[str, list[str] | None]:
 
 def build_task(cfg: DictConfig, model: Any, tokenizer: Any) -> tuple[Any, Any]:
     """The data module and task module of ``cfg.task`` around the adapted ``model``."""
+    from tunelab.data.datamodule import ClassificationDataModule, SFTDataModule
+
     trains_all_weights = cfg.method.name == "full"
-    if cfg.task.name == "classification":
-        from tunelab.data.datamodule import ClassificationDataModule
+    teacher = load_checked_teacher(cfg, model, tokenizer) if cfg.task.name == "distill" else None
+    if task_objective(cfg) == "classification":
         from tunelab.tasks.classification import ClassificationModule
+        from tunelab.tasks.distill import ClassificationDistillModule
 
         datamodule = ClassificationDataModule(cfg.data, tokenizer, cfg.paths.cache_dir)
-        return datamodule, ClassificationModule(model, cfg.task, datamodule.labels, trains_all_weights)
-    from tunelab.data.datamodule import SFTDataModule
+        args = (model, cfg.task, datamodule.labels, trains_all_weights)
+        return datamodule, ClassificationDistillModule(*args, teacher) if teacher else ClassificationModule(*args)
+    from tunelab.tasks.distill import SFTDistillModule
     from tunelab.tasks.sft import SFTModule
 
     datamodule = SFTDataModule(cfg.data, tokenizer, cfg.paths.cache_dir, cfg.task.generation.num_samples)
-    return datamodule, SFTModule(model, tokenizer, cfg.task, trains_all_weights)
+    args = (model, tokenizer, cfg.task, trains_all_weights)
+    return datamodule, SFTDistillModule(*args, teacher) if teacher else SFTModule(*args)
+
+
+def load_checked_teacher(cfg: DictConfig, student: Any, tokenizer: Any) -> Any:
+    """The frozen teacher of task=distill, after checking it speaks the student's vocabulary and outputs."""
+    from tunelab.tasks.distill import Teacher, check_same_outputs, check_same_vocabulary, load_teacher
+
+    teacher, teacher_tokenizer = load_teacher(cfg.task, cfg.paths.cache_dir)
+    check_same_vocabulary(teacher_tokenizer, tokenizer)
+    check_same_outputs(teacher, student, task_objective(cfg))
+    return Teacher(teacher)
 
 
 def build_components(cfg: DictConfig) -> dict[str, Any]:

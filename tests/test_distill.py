@@ -1,0 +1,132 @@
+"""task=distill: the loss against hand / torch references, both pairings end to end on tiny models (teacher
+trained first), a frozen teacher kept out of checkpoints, and mismatched teacher/student refused."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunelab.errors import ConfigError
+from tunelab.tasks.distill import soft_target_loss
+from tunelab.train import train
+
+from .conftest import tiny_classification_overrides, tiny_overrides
+
+
+def test_soft_target_loss_equals_hand_value_and_torch_kl():
+    student, teacher = torch.tensor([[1.0, 0.0, -1.0]]), torch.tensor([[0.0, 2.0, 0.0]])
+    temperature = 2.0
+    p = [math.exp(t / temperature) for t in (0.0, 2.0, 0.0)]
+    q = [math.exp(s / temperature) for s in (1.0, 0.0, -1.0)]
+    p, q = [x / sum(p) for x in p], [x / sum(q) for x in q]
+    hand = temperature**2 * sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+    assert soft_target_loss(student, teacher, temperature).item() == pytest.approx(hand, abs=1e-6)
+
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(6, 11, generator=generator), torch.randn(6, 11, generator=generator)
+    reference = F.kl_div(
+        F.log_softmax(student / 3, -1), F.log_softmax(teacher / 3, -1), log_target=True, reduction="batchmean"
+    )
+    assert soft_target_loss(student, teacher, 3.0).item() == pytest.approx(9 * reference.item(), abs=1e-6)
+    assert soft_target_loss(teacher, teacher, 3.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.fixture(scope="module")
+def encoder_teacher(labeled_file, tmp_path_factory):
+    from hydra import compose, initialize_config_dir
+
+    from .conftest import CONFIGS
+
+    output_dir = tmp_path_factory.mktemp("teacher")
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=[*tiny_classification_overrides(labeled_file, output_dir), "trainer.max_epochs=3"],
+        )
+    metrics, _ = train(cfg)
+    return metrics
+
+
+def distill_overrides(labeled_file, output_dir, teacher_metrics, model="tiny_bert") -> list[str]:
+    return [
+        *tiny_classification_overrides(labeled_file, output_dir, model=model),
+        "task=distill",
+        f"task.teacher.adapter_path={teacher_metrics['adapter_dir']}",
+        "model.keep_layers=[0]",
+        "task.alpha=0.3",
+        "trainer.max_epochs=3",
+    ]
+
+
+def test_classification_student_learns_from_a_frozen_teacher(encoder_teacher, labeled_file, compose_cfg, tmp_path):
+    from tunelab.train import checkpoint_state
+
+    cfg = compose_cfg(distill_overrides(labeled_file, tmp_path, encoder_teacher))
+    metrics, objects = train(cfg)
+    module = objects["module"]
+    assert objects["model"].config.num_hidden_layers == 1
+    assert metrics["val/loss"] < metrics["untrained/val/loss"] - 0.05  # CE rises toward the soft teacher's
+    assert metrics["val/acc"] > metrics["untrained/val/acc"] + 0.3
+    teacher = module.teacher.model
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert all(not name.startswith("teacher") for name in module.state_dict())
+    saved = checkpoint_state(metrics["best_checkpoint"])
+    assert set(saved) == set(module.state_dict())  # method=full: the student, whole; no teacher tensors
+    with open(tmp_path / "metrics.csv") as handle:
+        header = handle.readline()
+    assert "train/soft_loss" in header and "train/hard_loss" in header
+
+
+def test_teacher_is_unchanged_by_student_training(encoder_teacher, labeled_file, compose_cfg, tmp_path):
+    from tunelab.evaluate import load_adapter, locate_run
+
+    cfg = compose_cfg([*distill_overrides(labeled_file, tmp_path, encoder_teacher), "trainer.max_steps=3"])
+    _, objects = train(cfg)
+    _, run_cfg = locate_run(compose_cfg([f"adapter_path={encoder_teacher['adapter_dir']}"], config_name="evaluate"))
+    fresh, _ = load_adapter(run_cfg, tmp_path.__class__(encoder_teacher["adapter_dir"]), str(cfg.paths.cache_dir))
+    trained_with = objects["module"].teacher.model.state_dict()
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, trained_with[name]), name
+
+
+def test_causal_lm_student_with_lora_learns_token_level(alpaca_file, compose_cfg, tmp_path):
+    teacher_cfg = compose_cfg(
+        [*tiny_overrides(alpaca_file, tmp_path / "teacher"), "method=lora", "trainer.max_epochs=2"]
+    )
+    teacher_metrics, _ = train(teacher_cfg)
+    student_cfg = compose_cfg(
+        [
+            *tiny_overrides(alpaca_file, tmp_path / "student"),
+            "task=distill",
+            "task.objective=sft",
+            f"task.teacher.adapter_path={teacher_metrics['adapter_dir']}",
+            "model.keep_layers=[1]",
+            "method=lora",
+            "task.generation.num_samples=0",
+            "callbacks.model_checkpoint.monitor=val/loss",
+            "callbacks.model_checkpoint.mode=min",
+            "callbacks.early_stopping.monitor=val/loss",
+            "callbacks.early_stopping.mode=min",
+            "trainer.max_epochs=2",
+        ]
+    )
+    metrics, objects = train(student_cfg)
+    assert metrics["val/loss"] < metrics["untrained/val/loss"] - 0.3
+    assert objects["model"].base_model.model.config.num_hidden_layers == 1
+
+
+def test_tokenizer_mismatch_is_refused(encoder_teacher, labeled_file, compose_cfg, tmp_path):
+    cfg = compose_cfg([*distill_overrides(labeled_file, tmp_path, encoder_teacher, model="tiny"), "method=lora"])
+    with pytest.raises(ConfigError, match="tokenizers differ"):
+        train(cfg)
+
+
+def test_label_set_mismatch_is_refused(encoder_teacher, labeled_file, compose_cfg, tmp_path):
+    cfg = compose_cfg(
+        [*distill_overrides(labeled_file, tmp_path, encoder_teacher), "data.labels=[positive,neutral,negative]"]
+    )
+    with pytest.raises(ConfigError, match="label sets differ"):
+        train(cfg)
