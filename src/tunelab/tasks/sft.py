@@ -4,7 +4,9 @@ Optimizes: the mean next-token cross-entropy over response tokens only (prompt a
 -100), ``loss = sum_t CE(logits[t], labels[t + 1]) / #supervised tokens`` per micro-batch.
 Validation (dataloader 0): the same loss averaged over all supervised tokens of the split, its perplexity
 ``exp(loss)`` and next-token accuracy. Validation (dataloader 1, optional): greedy answers to the first
-``task.generation.num_samples`` prompts, scored with SacreBLEU and ROUGE-1/2/L/Lsum against references.
+``task.generation.num_samples`` prompts, scored with SacreBLEU and ROUGE-1/2/L/Lsum against references;
+with ``task.generation.labels`` set, also the accuracy / macro-F1 of the label each answer states on its
+``"<label_field>: <label>"`` line (classification and generation in one answer, e.g. sentiment + analysis).
 Test mirrors validation under the ``test/`` prefix.
 """
 
@@ -19,7 +21,7 @@ from torchmetrics import MeanMetric
 
 from tunelab.data.tokenization import IGNORE_INDEX
 from tunelab.generation import generate_answers
-from tunelab.metrics.text import GenerationMetrics, token_accuracy
+from tunelab.metrics.text import GeneratedLabelMetrics, GenerationMetrics, token_accuracy
 from tunelab.tasks.base import TaskModule
 
 
@@ -37,15 +39,15 @@ class SFTModule(TaskModule):
     def __init__(self, model: torch.nn.Module, tokenizer: Any, task_cfg: DictConfig, trains_all_weights: bool):
         super().__init__(model, task_cfg, trains_all_weights)
         self.tokenizer = tokenizer
-        self.stage_metrics = torch.nn.ModuleDict(
-            {
-                stage: torch.nn.ModuleDict(
-                    {"loss": MeanMetric(), "token_acc": MeanMetric(), "text": GenerationMetrics(prefix=f"{stage}/")}
-                )
-                for stage in ("val", "test")
-            }
-        )
+        self.stage_metrics = torch.nn.ModuleDict({stage: self._stage_metrics(stage) for stage in ("val", "test")})
         self.test_samples: list[dict[str, str]] = []
+
+    def _stage_metrics(self, stage: str) -> torch.nn.ModuleDict:
+        metrics = {"loss": MeanMetric(), "token_acc": MeanMetric(), "text": GenerationMetrics(prefix=f"{stage}/")}
+        if self.cfg.generation.get("labels"):
+            labels, field = self.cfg.generation.labels, self.cfg.generation.label_field
+            metrics["labels"] = GeneratedLabelMetrics(labels, field, prefix=f"{stage}/")
+        return torch.nn.ModuleDict(metrics)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits aligned with ``input_ids`` (soft-prompt methods prepend virtual positions: dropped here)."""
@@ -73,6 +75,8 @@ class SFTModule(TaskModule):
                 self.cfg.generation.max_new_tokens,
             )
             metrics["text"].update(predictions, batch["references"])
+            if "labels" in metrics:
+                metrics["labels"].update(predictions, batch["references"])
             if stage == "test":
                 self.test_samples += [
                     {"question": q, "prediction": p, "reference": r}
@@ -89,6 +93,7 @@ class SFTModule(TaskModule):
         }
         if self.cfg.generation.num_samples:
             values.update(metrics["text"].compute())
+            values.update(metrics["labels"].compute() if "labels" in metrics else {})
         self.log_dict(values, prog_bar=stage == "val", sync_dist=False)
         for metric in metrics.values():
             metric.reset()
