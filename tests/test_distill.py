@@ -130,3 +130,10 @@ def test_label_set_mismatch_is_refused(encoder_teacher, labeled_file, compose_cf
     )
     with pytest.raises(ConfigError, match="label sets differ"):
         train(cfg)
+
+
+def test_missing_teacher_fails_at_config_time(compose_cfg, tmp_path):
+    from tunelab.config_checks import check_config
+
+    with pytest.raises(ConfigError, match="train a teacher first"):
+        check_config(compose_cfg(["task=distill", f"paths.output_dir={tmp_path}"]))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tunelab.errors import ConfigError
 
@@ -80,5 +80,9 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.ckpt_path is not None and not cfg.train:
         raise ConfigError("ckpt_path resumes training, but train=false; use evaluate.py ckpt_path=... instead")
     check_method_fits_model(cfg)
+    if cfg.task.name == "distill" and OmegaConf.is_missing(cfg.task.teacher, "adapter_path"):
+        from tunelab.tasks.distill import MISSING_TEACHER
+
+        raise ConfigError(MISSING_TEACHER)
     if cfg.method.name == "full" and cfg.export.merged:
         raise ConfigError("export.merged=true needs an adapter method; method=full already exports the full model")

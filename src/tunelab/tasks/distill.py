@@ -27,7 +27,7 @@ from tunelab.errors import ConfigError
 from tunelab.tasks.classification import ClassificationModule
 from tunelab.tasks.sft import SFTModule, causal_lm_loss
 
-OBJECTIVES = ("classification", "sft")
+MISSING_TEACHER = "task=distill needs task.teacher.adapter_path=<teacher run>/adapter (train a teacher first)"
 
 
 def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
