@@ -126,7 +126,9 @@ def build_components(cfg: DictConfig) -> dict[str, Any]:
 def run(cfg: DictConfig) -> float | None:
     """Train and evaluate as configured; return the monitored metric's best value (for sweepers)."""
     metrics, _ = train(cfg)
-    monitor = cfg.callbacks.model_checkpoint.monitor if cfg.get("callbacks") else "val/loss"
+    from omegaconf import OmegaConf
+
+    monitor = OmegaConf.select(cfg, "callbacks.model_checkpoint.monitor", default="val/loss")
     value = metrics.get(f"best/{monitor}")
     return float(value) if value is not None else None
 
