@@ -80,7 +80,7 @@ def test_classification_student_learns_from_a_frozen_teacher(encoder_teacher, la
     assert "train/soft_loss" in header and "train/hard_loss" in header
 
 
-def test_teacher_is_unchanged_by_student_training(encoder_teacher, labeled_file, compose_cfg, tmp_path):
+def test_teacher_is_unchanged_and_not_in_the_student_checkpoint(encoder_teacher, labeled_file, compose_cfg, tmp_path):
     from tunelab.evaluate import load_adapter, locate_run
 
     cfg = compose_cfg([*distill_overrides(labeled_file, tmp_path, encoder_teacher), "trainer.max_steps=3"])
@@ -90,6 +90,8 @@ def test_teacher_is_unchanged_by_student_training(encoder_teacher, labeled_file,
     trained_with = objects["module"].teacher.model.state_dict()
     for name, tensor in fresh.state_dict().items():
         assert torch.equal(tensor, trained_with[name]), name
+    saved = torch.load(objects["trainer"].checkpoint_callback.last_model_path, weights_only=False)["state_dict"]
+    assert saved and not any("teacher" in key for key in saved)
 
 
 def test_causal_lm_student_with_lora_learns_token_level(alpaca_file, compose_cfg, tmp_path):
