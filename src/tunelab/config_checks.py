@@ -51,6 +51,24 @@ def check_method_fits_model(cfg: DictConfig) -> None:
         )
 
 
+TASK_DATA_KINDS = {"reward": "preference", "dpo": "preference", "ppo": "prompts"}
+DATA_OF_KIND = {"preference": "data=arith_prefs or data=preference", "prompts": "data=arith_prompts or data=prompts"}
+
+
+def check_task_fits_data(cfg: DictConfig) -> None:
+    """Alignment tasks read their own record kinds: preference pairs (reward, dpo) or prompts (ppo)."""
+    needed = TASK_DATA_KINDS.get(cfg.task.name)
+    if needed and cfg.data.get("kind") != needed:
+        raise ConfigError(
+            f"task={cfg.task.name} reads {needed} records, but data={cfg.data.name} holds "
+            f"{cfg.data.get('kind') or 'instruction / labeled'} records; use {DATA_OF_KIND[needed]}"
+        )
+    if cfg.task.name == "dpo":
+        from tunelab.tasks.dpo import check_reference
+
+        check_reference(cfg.task.reference, cfg.method.name == "full")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` with a one-line reason for a combination that cannot run here."""
     from tunelab.methods import METHODS
@@ -84,5 +102,6 @@ def check_config(cfg: DictConfig) -> None:
         from tunelab.tasks.distill import MISSING_TEACHER
 
         raise ConfigError(MISSING_TEACHER)
+    check_task_fits_data(cfg)
     if cfg.method.name == "full" and cfg.export.merged:
         raise ConfigError("export.merged=true needs an adapter method; method=full already exports the full model")

@@ -39,8 +39,15 @@ def build_trainer(cfg: DictConfig, model: Any, callbacks: list[Any], loggers: li
     return instantiate(cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers or False)
 
 
-OBJECTIVE_HEADS = {"sft": "causal_lm", "classification": "sequence_classification"}
-TASKS = ("sft", "classification", "distill")
+OBJECTIVE_HEADS = {
+    "sft": "causal_lm",
+    "classification": "sequence_classification",
+    "reward": "sequence_classification",
+    "dpo": "causal_lm",
+    "ppo": "causal_lm",
+}
+TASKS = ("sft", "classification", "distill", "reward", "dpo", "ppo")
+REWARD_LABELS = ["reward"]  # the reward model's one output: a scalar score
 
 
 def task_objective(cfg: DictConfig) -> str:
@@ -62,6 +69,8 @@ def task_head(cfg: DictConfig) -> tuple[str, list[str] | None]:
     head = OBJECTIVE_HEADS[task_objective(cfg)]
     if head == "causal_lm":
         return head, None
+    if cfg.task.name == "reward":
+        return head, REWARD_LABELS
     if not cfg.data.get("labels"):
         raise ConfigError(f"task={cfg.task.name} needs data.labels (the label set); data={cfg.data.name} has none")
     return head, list(cfg.data.labels)
@@ -72,6 +81,8 @@ def build_task(cfg: DictConfig, model: Any, tokenizer: Any) -> tuple[Any, Any]:
     from tunelab.data.datamodule import ClassificationDataModule, SFTDataModule
 
     trains_all_weights = cfg.method.name == "full"
+    if cfg.task.name in ("reward", "dpo", "ppo"):
+        return build_alignment_task(cfg, model, tokenizer, trains_all_weights)
     teacher = load_checked_teacher(cfg, model, tokenizer) if cfg.task.name == "distill" else None
     if task_objective(cfg) == "classification":
         from tunelab.tasks.classification import ClassificationModule
@@ -86,6 +97,28 @@ def build_task(cfg: DictConfig, model: Any, tokenizer: Any) -> tuple[Any, Any]:
     datamodule = SFTDataModule(cfg.data, tokenizer, cfg.paths.cache_dir, cfg.task.generation.num_samples)
     args = (model, tokenizer, cfg.task, trains_all_weights)
     return datamodule, SFTDistillModule(*args, teacher) if teacher else SFTModule(*args)
+
+
+def build_alignment_task(cfg: DictConfig, model: Any, tokenizer: Any, trains_all_weights: bool) -> tuple[Any, Any]:
+    """Data and task modules of task=reward / dpo (preference pairs) and task=ppo (prompts)."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from tunelab.data.datamodule import PreferenceDataModule
+
+    if cfg.task.name == "reward":
+        from tunelab.tasks.reward import RewardModule
+
+        datamodule = PreferenceDataModule(cfg.data, tokenizer, cfg.paths.cache_dir)
+        return datamodule, RewardModule(model, cfg.task, trains_all_weights)
+    if cfg.task.name == "dpo":
+        from tunelab.tasks.dpo import DPOModule
+
+        identity = json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True)
+        datamodule = PreferenceDataModule(cfg.data, tokenizer, cfg.paths.cache_dir)
+        return datamodule, DPOModule(model, cfg.task, trains_all_weights, identity)
+    raise NotImplementedError("task=ppo")
 
 
 def load_checked_teacher(cfg: DictConfig, student: Any, tokenizer: Any) -> Any:

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from tunelab.data.collate import ClassificationCollator, EncodedLabeled, GenerationCollator, TrainingCollator
 from tunelab.data.labeled import LabeledExample, load_labeled
 from tunelab.data.loading import load_examples
+from tunelab.data.preference import PreferenceCollator, PreferenceExample, encode_preference, load_preferences
 from tunelab.data.records import ChatExample
 from tunelab.data.sampler import ResumableSampler
 from tunelab.data.tokenization import EncodedExample, encode_examples
@@ -37,6 +38,8 @@ BUILDERS = {
     "hpo_qa": "tunelab.assets.hpo_qa:ensure_hpo_qa",
     "finsent": "tunelab.assets.finsent:ensure_finsent",
     "finsent_explained": "tunelab.assets.finsent_explained:ensure_finsent_explained",
+    "arith_prefs": "tunelab.assets.arithmetic:ensure_arith_prefs",
+    "arith_prompts": "tunelab.assets.arithmetic:ensure_arith_prompts",
 }
 
 
@@ -161,8 +164,12 @@ class SplitDataModule(LightningDataModule):
             generator=self._loader_generator(),
         )
 
+    def ordered_loader(self, split: str) -> DataLoader:
+        """``split`` in order with the task's collator, in evaluation batches (sharded over ranks)."""
+        return self._loader(self.splits[split], self.collator())
+
     def _eval_loaders(self, split: str) -> list[DataLoader]:
-        return [self._loader(self.splits[split], self.collator())]
+        return [self.ordered_loader(split)]
 
     def val_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders("val")
@@ -262,3 +269,32 @@ class ClassificationDataModule(SplitDataModule):
     def label_counts(self) -> list[int]:
         """Training examples per class (for class weights)."""
         return self.report["train"]["per_label"]
+
+
+class PreferenceDataModule(SplitDataModule):
+    """Preference pairs (:mod:`tunelab.data.preference`) -> batches of 2B rows (chosen, then rejected) with each
+    pair's ``index`` in its split; pairs whose prompt fills ``max_length`` are dropped (counted) or fail."""
+
+    def __init__(self, data_cfg: DictConfig, tokenizer: Any, cache_dir: str | Path) -> None:
+        super().__init__(data_cfg, cache_dir)
+        self.tokenizer = tokenizer
+
+    def collator(self) -> PreferenceCollator:
+        return PreferenceCollator(self.tokenizer.pad_token_id, self.cfg.pad_to_multiple_of)
+
+    def _load(self, path: str | Path) -> list[PreferenceExample]:
+        result = load_preferences(path, on_error=self.cfg.on_error)
+        self.report.setdefault("skipped_records", {})[str(path)] = len(result.skipped)
+        return result.examples[: self.cfg.get("limit")]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        raw = self.raw_splits(self._load)
+        for split, items in raw.items():
+            pairs, dropped = encode_examples(
+                self.tokenizer, items, self.cfg.max_length, self.cfg.on_overflow, encode=encode_preference
+            )
+            self.splits[split] = [{**pair, "index": index} for index, pair in enumerate(pairs)]
+            self.report[split] = {"pairs": len(pairs), "dropped_overflow": len(dropped)}
+        log.info("Data %s: %s", self.cfg.name, {k: v["pairs"] for k, v in self.report.items() if k in raw})

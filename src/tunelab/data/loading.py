@@ -15,7 +15,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tunelab.data.formats import FORMATS
 from tunelab.data.records import ChatExample
@@ -26,6 +26,7 @@ log = logging.getLogger("tunelab.data")
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 ON_ERROR = ("fail", "skip")
 WARN_REASONS = 3  # skipped-record reasons quoted in the warning
+Loaded = TypeVar("Loaded")
 
 
 @dataclass
@@ -173,13 +174,15 @@ def load_examples(
         result.examples.append(ChatExample(prompt=prompt, response=response, source=source))
         if limit is not None and len(result.examples) == limit:
             break
-    if result.skipped:
-        log.warning(
-            "Skipped %d bad record(s) of %s, e.g.: %s",
-            len(result.skipped),
-            path,
-            "; ".join(result.skipped[:WARN_REASONS]),
-        )
+    return checked_load(path, result)
+
+
+def checked_load(path: Path, result: Loaded) -> Loaded:
+    """``result`` (any load with ``examples`` and located ``skipped`` reasons) after warning about what was skipped;
+    DataError when no example of ``path`` is usable."""
+    skipped = result.skipped
+    if skipped:
+        log.warning("Skipped %d bad record(s) of %s, e.g.: %s", len(skipped), path, "; ".join(skipped[:WARN_REASONS]))
     if not result.examples:
-        raise no_examples(path, result.skipped)
+        raise no_examples(path, skipped)
     return result

@@ -9,6 +9,7 @@ and must be a token prefix of the full conversation; a template for which it is 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,15 +57,21 @@ def encode_example(tokenizer: Any, example: ChatExample, max_length: int) -> Enc
 
 
 def encode_examples(
-    tokenizer: Any, examples: list[ChatExample], max_length: int, on_overflow: str = "drop"
-) -> tuple[list[EncodedExample], list[str]]:
-    """Encode all examples; prompts that fill ``max_length`` are dropped (counted) or fail, per policy."""
+    tokenizer: Any,
+    examples: Sequence[Any],
+    max_length: int,
+    on_overflow: str = "drop",
+    encode: Callable[[Any, Any, int], Any] = encode_example,
+) -> tuple[list[Any], list[str]]:
+    """``encode(tokenizer, example, max_length)`` of every example (ChatExamples by default) whose prompt leaves
+    room for an answer token; the others (``encode`` returns None) are dropped (counted) or fail, per policy.
+    Errors name ``example.source`` ("path:line")."""
     if on_overflow not in OVERFLOW_POLICIES:
         raise ConfigError(f"data.on_overflow={on_overflow!r} is not one of {list(OVERFLOW_POLICIES)}")
-    encoded: list[EncodedExample] = []
+    encoded: list[Any] = []
     dropped: list[str] = []
     for example in examples:
-        item = encode_example(tokenizer, example, max_length)
+        item = encode(tokenizer, example, max_length)
         if item is not None:
             encoded.append(item)
             continue

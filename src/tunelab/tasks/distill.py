@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 from tunelab.errors import ConfigError
 from tunelab.tasks.classification import ClassificationModule
+from tunelab.tasks.frozen import FrozenModel
 from tunelab.tasks.sft import SFTModule, causal_lm_loss
 
 MISSING_TEACHER = "task=distill needs task.teacher.adapter_path=<teacher run>/adapter (train a teacher first)"
@@ -38,21 +39,8 @@ def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: 
     return temperature**2 * per_row.mean()
 
 
-class Teacher:
-    """A frozen model kept outside the student's module tree (so no checkpoint, optimizer or ``.train()`` call
-    reaches it); :meth:`to` follows the student's device."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model.eval().requires_grad_(False)
-
-    def to(self, device: torch.device) -> None:
-        self.model.to(device)
-
-    @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Float logits; a causal LM's are cut to the input positions (a soft-prompt teacher adds some)."""
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-        return logits[:, -input_ids.shape[1] :] if logits.dim() == 3 else logits
+class Teacher(FrozenModel):
+    """The distillation teacher: frozen, outside the student's module tree, following its device."""
 
 
 class Distillation:

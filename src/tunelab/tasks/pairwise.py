@@ -1,0 +1,96 @@
+"""What reward modelling and DPO share: a loss per preference pair, a reward for each of its two replies, and the
+same pair statistics for training, validation and test.
+
+Batches hold 2B rows, the B chosen replies then the B rejected ones
+(:class:`tunelab.data.preference.PreferenceCollator`).
+Logged per stage: ``loss`` and ``rewards/{chosen,rejected}`` (mean reward of each reply), ``rewards/accuracy``
+(share of pairs with ``r_chosen > r_rejected``; ties count as wrong) and ``rewards/margin`` (mean ``r_c - r_r``),
+plus the statistics a subclass names in ``extra_statistics``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torchmetrics import MeanMetric
+
+from tunelab.tasks.base import TaskModule
+
+
+def pair_statistics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean chosen / rejected reward, accuracy ``mean(chosen > rejected)`` and margin ``mean(chosen - rejected)``."""
+    return {
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        "rewards/accuracy": (chosen > rejected).float().mean(),
+        "rewards/margin": (chosen - rejected).mean(),
+    }
+
+
+def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) halves of a [2B] per-row tensor."""
+    half = values.shape[0] // 2
+    return values[:half], values[half:]
+
+
+class PairwiseModule(TaskModule):
+    """Subclasses define :meth:`pair_outputs`; this class trains on their mean loss and logs the statistics."""
+
+    PAIR_STATISTICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        task_cfg: DictConfig,
+        trains_all_weights: bool,
+        extra_statistics: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(model, task_cfg, trains_all_weights)
+        names = ("loss", *self.PAIR_STATISTICS, *extra_statistics)
+        self.eval_metrics = torch.nn.ModuleDict(
+            {stage: torch.nn.ModuleDict({self._key(n): MeanMetric() for n in names}) for stage in ("val", "test")}
+        )
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.replace("/", "__")  # module names cannot hold "/" or "."
+
+    def pair_outputs(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(per-pair losses [B], statistics): :func:`pair_statistics` plus the subclass's ``extra_statistics``."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        losses, statistics = self.pair_outputs(batch, "train")
+        loss = losses.mean()
+        pairs = losses.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=pairs)
+        self.log_dict({f"train/{k}": v for k, v in statistics.items()}, batch_size=pairs)
+        return loss
+
+    def _eval_step(self, stage: str, batch: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            losses, statistics = self.pair_outputs(batch, stage)
+        values = {"loss": losses.mean(), **statistics}
+        metrics = self.eval_metrics[stage]
+        for name, value in values.items():
+            metrics[self._key(name)].update(value, weight=losses.shape[0])
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        metrics = self.eval_metrics[stage]
+        self.log_dict({f"{stage}/{k.replace('__', '/')}": m.compute() for k, m in metrics.items()}, prog_bar=False)
+        for metric in metrics.values():
+            metric.reset()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
