@@ -22,6 +22,16 @@ def cache_dir() -> Path:
     return Path(os.environ["TUNELAB_CACHE"])
 
 
+@pytest.fixture(scope="session")
+def tokenizer(cache_dir: Path):
+    """The SmolLM2 tokenizer (with its chat template), built into the cache from the packaged GGUF."""
+    from transformers import AutoTokenizer
+
+    from tunelab.assets.smollm2 import ensure_smollm2_tokenizer
+
+    return AutoTokenizer.from_pretrained(ensure_smollm2_tokenizer(cache_dir))
+
+
 def synthetic_pairs(count: int) -> list[dict[str, str]]:
     """Arithmetic questions with short exact answers: easy for a tiny model to start learning."""
     return [

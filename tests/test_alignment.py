@@ -146,7 +146,8 @@ def test_reward_model_learns_and_reloads(preference_file, compose_cfg, tmp_path)
     [
         (["task=dpo", "data=hpo_qa"], "task=dpo reads preference records"),
         (["task=reward", "data=alpaca", "data.path=x.jsonl"], "task=reward reads preference records"),
-        (["task=dpo", "method=full"], "needs an adapter to switch off"),
+        (["task=dpo", "method=full"], "method=full trains the model.s own weights"),
+        (["task=dpo", "method=bitfit"], "method=bitfit trains the model.s own weights"),
         (["task=dpo", "task.reference=cached"], "is not one of"),
     ],
 )

@@ -114,15 +114,6 @@ def test_file_level_errors(tmp_path):
         load_preferences(array, on_error="drop")
 
 
-@pytest.fixture(scope="module")
-def tokenizer(cache_dir):
-    from transformers import AutoTokenizer
-
-    from tunelab.assets.smollm2 import ensure_smollm2_tokenizer
-
-    return AutoTokenizer.from_pretrained(ensure_smollm2_tokenizer(cache_dir))
-
-
 def test_encode_masks_the_prompt_and_collate_puts_chosen_rows_first(tokenizer):
     short = PreferenceExample(tuple(CONVERSATION), "5.", "It is 6, I think.", line=1, source="mem")
     long = PreferenceExample(tuple(CONVERSATION[1:]), "2 plus 3 is 5.", "6.", line=2, source="mem")

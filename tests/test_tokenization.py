@@ -14,16 +14,6 @@ from tunelab.data.sampler import ResumableSampler
 from tunelab.data.tokenization import IGNORE_INDEX, encode_example, encode_examples, render_prompt_ids
 from tunelab.errors import DataError
 
-
-@pytest.fixture(scope="module")
-def tokenizer(cache_dir):
-    from transformers import AutoTokenizer
-
-    from tunelab.assets.smollm2 import ensure_smollm2_tokenizer
-
-    return AutoTokenizer.from_pretrained(ensure_smollm2_tokenizer(cache_dir))
-
-
 EXAMPLE = ChatExample(
     prompt=({"role": "user", "content": "What is Microcephaly?"},),
     response="Head circumference below the 3rd centile.",

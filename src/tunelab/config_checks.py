@@ -66,7 +66,11 @@ def check_task_fits_data(cfg: DictConfig) -> None:
     if cfg.task.name == "dpo":
         from tunelab.tasks.dpo import check_reference
 
-        check_reference(cfg.task.reference, cfg.method.name == "full")
+        check_reference(cfg.task.reference, cfg.method.name)
+    if cfg.task.name == "ppo":
+        from tunelab.tasks.ppo import check_ppo_config
+
+        check_ppo_config(cfg)
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -117,8 +117,14 @@ def build_alignment_task(cfg: DictConfig, model: Any, tokenizer: Any, trains_all
 
         identity = json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True)
         datamodule = PreferenceDataModule(cfg.data, tokenizer, cfg.paths.cache_dir)
-        return datamodule, DPOModule(model, cfg.task, trains_all_weights, identity)
-    raise NotImplementedError("task=ppo")
+        return datamodule, DPOModule(model, cfg.task, cfg.method.name, identity)
+    from tunelab.data.prompts import PromptDataModule
+    from tunelab.tasks.ppo import PPOModule, build_reward_fn, reference_copy
+
+    datamodule = PromptDataModule(cfg.data, tokenizer, cfg.paths.cache_dir)
+    reward_fn = build_reward_fn(cfg.task.reward, cfg.paths.cache_dir)
+    reference = reference_copy(model, cfg.method.name)
+    return datamodule, PPOModule(model, tokenizer, cfg.task, trains_all_weights, reward_fn, reference)
 
 
 def load_checked_teacher(cfg: DictConfig, student: Any, tokenizer: Any) -> Any:

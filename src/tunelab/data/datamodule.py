@@ -271,19 +271,23 @@ class ClassificationDataModule(SplitDataModule):
         return self.report["train"]["per_label"]
 
 
-class PreferenceDataModule(SplitDataModule):
-    """Preference pairs (:mod:`tunelab.data.preference`) -> batches of 2B rows (chosen, then rejected) with each
-    pair's ``index`` in its split; pairs whose prompt fills ``max_length`` are dropped (counted) or fail."""
+class RecordDataModule(SplitDataModule):
+    """Splits of the records :meth:`read` loads from a file (a load with ``examples`` and located ``skipped``
+    reasons) and :meth:`encode` turns into batchable items (with the reasons of those it drops); ``report``
+    counts the skipped records per file and the examples and dropped ones per split."""
 
     def __init__(self, data_cfg: DictConfig, tokenizer: Any, cache_dir: str | Path) -> None:
         super().__init__(data_cfg, cache_dir)
         self.tokenizer = tokenizer
 
-    def collator(self) -> PreferenceCollator:
-        return PreferenceCollator(self.tokenizer.pad_token_id, self.cfg.pad_to_multiple_of)
+    def read(self, path: str | Path) -> Any:
+        raise NotImplementedError
 
-    def _load(self, path: str | Path) -> list[PreferenceExample]:
-        result = load_preferences(path, on_error=self.cfg.on_error)
+    def encode(self, items: list[Any]) -> tuple[list[Any], list[str]]:
+        raise NotImplementedError
+
+    def _load(self, path: str | Path) -> list[Any]:
+        result = self.read(path)
         self.report.setdefault("skipped_records", {})[str(path)] = len(result.skipped)
         return result.examples[: self.cfg.get("limit")]
 
@@ -292,9 +296,23 @@ class PreferenceDataModule(SplitDataModule):
             return
         raw = self.raw_splits(self._load)
         for split, items in raw.items():
-            pairs, dropped = encode_examples(
-                self.tokenizer, items, self.cfg.max_length, self.cfg.on_overflow, encode=encode_preference
-            )
-            self.splits[split] = [{**pair, "index": index} for index, pair in enumerate(pairs)]
-            self.report[split] = {"pairs": len(pairs), "dropped_overflow": len(dropped)}
-        log.info("Data %s: %s", self.cfg.name, {k: v["pairs"] for k, v in self.report.items() if k in raw})
+            self.splits[split], dropped = self.encode(items)
+            self.report[split] = {"examples": len(self.splits[split]), "dropped_overflow": len(dropped)}
+        log.info("Data %s: %s", self.cfg.name, {split: self.report[split]["examples"] for split in raw})
+
+
+class PreferenceDataModule(RecordDataModule):
+    """Preference pairs (:mod:`tunelab.data.preference`) -> batches of 2B rows (chosen, then rejected) with each
+    pair's ``index`` in its split; pairs whose prompt fills ``max_length`` are dropped (counted) or fail."""
+
+    def collator(self) -> PreferenceCollator:
+        return PreferenceCollator(self.tokenizer.pad_token_id, self.cfg.pad_to_multiple_of)
+
+    def read(self, path: str | Path) -> Any:
+        return load_preferences(path, on_error=self.cfg.on_error)
+
+    def encode(self, items: list[PreferenceExample]) -> tuple[list[dict[str, Any]], list[str]]:
+        pairs, dropped = encode_examples(
+            self.tokenizer, items, self.cfg.max_length, self.cfg.on_overflow, encode=encode_preference
+        )
+        return [{**pair, "index": index} for index, pair in enumerate(pairs)], dropped

@@ -12,14 +12,14 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from tunelab.data.formats import FORMATS
 from tunelab.data.records import ChatExample
-from tunelab.errors import DataError
+from tunelab.errors import ConfigError, DataError
 
 log = logging.getLogger("tunelab.data")
 
@@ -27,11 +27,14 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parqu
 ON_ERROR = ("fail", "skip")
 WARN_REASONS = 3  # skipped-record reasons quoted in the warning
 Loaded = TypeVar("Loaded")
+Item = TypeVar("Item")
 
 
 @dataclass
-class LoadResult:
-    examples: list[ChatExample]
+class LoadResult(Generic[Item]):
+    """The good examples of a file (ChatExamples, preference pairs, prompts, ...) and why the others were skipped."""
+
+    examples: list[Item]
     skipped: list[str] = field(default_factory=list)  # one located message per skipped record
 
 
@@ -175,6 +178,40 @@ def load_examples(
         if limit is not None and len(result.examples) == limit:
             break
     return checked_load(path, result)
+
+
+def load_json_lines(
+    path: str | Path, convert: Callable[[dict[str, Any], int], Item], *, on_error: str
+) -> tuple[list[Item], list[str]]:
+    """``convert(row, line)`` of every JSON object line of ``path`` and the located reasons of the skipped ones.
+
+    A DataError from ``convert`` is located with the file and line, then raised (``on_error="fail"``) or
+    collected (``"skip"``). A missing file, a JSON array, an unparseable line or one that is not an object
+    fail under both policies.
+    """
+    if on_error not in ON_ERROR:
+        raise ConfigError(f"data.on_error={on_error!r} is not one of {list(ON_ERROR)}")
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("file not found", file=str(path))
+    if is_json_array(path):
+        raise DataError("expected JSON lines (one object per line), found a JSON array", file=str(path))
+    examples, skipped = [], []
+    for number, line in nonblank_lines(path):
+        try:
+            row = json.loads(line)
+        except ValueError as error:
+            raise invalid_json(path, error, number) from None
+        if not isinstance(row, dict):
+            raise DataError(f"expected a JSON object, got {type(row).__name__}", file=str(path), line=number)
+        try:
+            examples.append(convert(row, number))
+        except DataError as error:
+            located = DataError(error.reason, file=str(path), line=number, field=error.field)
+            if on_error == "fail":
+                raise located from None
+            skipped.append(str(located))
+    return examples, skipped
 
 
 def checked_load(path: Path, result: Loaded) -> Loaded:

@@ -12,7 +12,7 @@ Two record forms, one JSON object per line:
 Record errors name the file, the line and the field: a missing or mistyped field, an empty reply, a chosen
 reply equal to the rejected one, conversations that do not share the prompt or do not end with an assistant
 turn. ``on_error="fail"`` raises the first; ``"skip"`` drops bad records, lists them in
-:attr:`PreferenceLoad.skipped` and warns. A line that is not a JSON object fails under both policies (the
+:attr:`LoadResult.skipped` and warns. A line that is not a JSON object fails under both policies (the
 file is malformed), as in :mod:`tunelab.data.loading`.
 
 Encoding renders ``prompt + [assistant: reply]`` with the tokenizer's chat template for each reply, exactly as
@@ -21,10 +21,9 @@ SFT does (:func:`tunelab.data.tokenization.encode_example`): prompt tokens are l
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +31,10 @@ import torch
 
 from tunelab.data.collate import TrainingCollator
 from tunelab.data.formats import ROLES, Message, get_text, non_blank
-from tunelab.data.loading import ON_ERROR, checked_load, invalid_json, is_json_array, nonblank_lines
+from tunelab.data.loading import LoadResult, checked_load, load_json_lines
 from tunelab.data.records import ChatExample
 from tunelab.data.tokenization import EncodedExample, encode_example
-from tunelab.errors import ConfigError, DataError
+from tunelab.errors import DataError
 
 log = logging.getLogger("tunelab.data")
 
@@ -49,30 +48,24 @@ class PreferenceExample:
     source: str  # "path:line", for errors
 
 
-@dataclass
-class PreferenceLoad:
-    examples: list[PreferenceExample]
-    skipped: list[str] = field(default_factory=list)  # one located message per skipped record
-
-
-def _turns(value: Any, name: str) -> list[Message]:
+def parse_turns(value: Any, name: str) -> list[Message]:
     """A list of ``{role, content}`` turns; errors name ``name[i].role`` / ``name[i].content``."""
     if not isinstance(value, list) or not value:
         raise DataError("expected a non-empty list of {role, content} turns", field=name)
-    turns = []
+    parsed = []
     for index, turn in enumerate(value):
         where = f"{name}[{index}]"
         if not isinstance(turn, Mapping):
             raise DataError("expected an object with 'role' and 'content'", field=where)
         if turn.get("role") not in ROLES:
             raise DataError(f"unknown role {turn.get('role')!r}; expected one of {list(ROLES)}", field=f"{where}.role")
-        turns.append({"role": turn["role"], "content": get_text(turn, "content", f"{where}.content")})
-    return turns
+        parsed.append({"role": turn["role"], "content": get_text(turn, "content", f"{where}.content")})
+    return parsed
 
 
 def _reply(prompt: list[Message], row: Mapping[str, Any], name: str) -> tuple[list[Message], str]:
     """(turns before the reply, reply) of ``prompt + row[name]``, which must end with an assistant turn."""
-    turns = _turns(row.get(name), name)
+    turns = parse_turns(row.get(name), name)
     last = f"{name}[{len(turns) - 1}]"
     if turns[-1]["role"] != "assistant":
         raise DataError(
@@ -83,7 +76,7 @@ def _reply(prompt: list[Message], row: Mapping[str, Any], name: str) -> tuple[li
 
 def _from_messages(row: Mapping[str, Any]) -> tuple[tuple[Message, ...], str, str]:
     """(shared prompt, chosen reply, rejected reply) of a messages-form record."""
-    prompt = _turns(row["prompt"], "prompt") if row.get("prompt") is not None else []
+    prompt = parse_turns(row["prompt"], "prompt") if row.get("prompt") is not None else []
     shared, chosen = _reply(prompt, row, "chosen")
     rejected_prompt, rejected = _reply(prompt, row, "rejected")
     if rejected_prompt != shared:
@@ -111,33 +104,14 @@ def convert_preference(row: Mapping[str, Any]) -> tuple[tuple[Message, ...], str
     return prompt, chosen, rejected
 
 
-def load_preferences(path: str | Path, *, on_error: str = "fail") -> PreferenceLoad:
+def load_preferences(path: str | Path, *, on_error: str = "fail") -> LoadResult:
     """The preference pairs of the json-lines file ``path`` (see the module docstring for forms and checks)."""
-    if on_error not in ON_ERROR:
-        raise ConfigError(f"data.on_error={on_error!r} is not one of {list(ON_ERROR)}")
-    path = Path(path)
-    if not path.is_file():
-        raise DataError("file not found", file=str(path))
-    if is_json_array(path):
-        raise DataError("expected JSON lines (one object per line), found a JSON array", file=str(path))
-    result = PreferenceLoad(examples=[])
-    for number, line in nonblank_lines(path):
-        try:
-            row = json.loads(line)
-        except ValueError as error:
-            raise invalid_json(path, error, number) from None
-        if not isinstance(row, dict):
-            raise DataError(f"expected a JSON object, got {type(row).__name__}", file=str(path), line=number)
-        try:
-            prompt, chosen, rejected = convert_preference(row)
-        except DataError as error:
-            located = DataError(error.reason, file=str(path), line=number, field=error.field)
-            if on_error == "fail":
-                raise located from None
-            result.skipped.append(str(located))
-            continue
-        result.examples.append(PreferenceExample(prompt, chosen, rejected, line=number, source=f"{path}:{number}"))
-    return checked_load(path, result)
+
+    def convert(row: dict[str, Any], number: int) -> PreferenceExample:
+        return PreferenceExample(*convert_preference(row), line=number, source=f"{path}:{number}")
+
+    examples, skipped = load_json_lines(path, convert, on_error=on_error)
+    return checked_load(Path(path), LoadResult(examples, skipped))
 
 
 def encode_preference(tokenizer: Any, example: PreferenceExample, max_length: int) -> dict[str, EncodedExample] | None:

@@ -51,6 +51,7 @@ def apply_method(model: torch.nn.Module, method_cfg: DictConfig, tokenizer: Any 
     return METHODS[method_cfg.name](model, method_cfg, tokenizer)
 
 
+IN_PLACE_METHODS = ("full", "bitfit")  # train the base weights themselves: no adapter to switch off
 SOFT_PROMPT_METHODS = ("prompt", "ptuning", "prefix", "ptuning_v2", "mam", "unipelt")
 
 

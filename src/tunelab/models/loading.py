@@ -193,8 +193,9 @@ def load_model(
         config_kwargs.setdefault("bos_token_id", tokenizer.bos_token_id)
         model_type = config_kwargs.pop("model_type")
         config = AutoConfig.for_model(model_type, **config_kwargs, **head_kwargs(labels))
-        torch.manual_seed(model_cfg.get("init_seed", 0))
-        model = auto_class.from_config(config, dtype=dtype, attn_implementation=model_cfg.attn_implementation)
+        with torch.random.fork_rng(devices=[]):  # the weights depend on init_seed; the run's RNG stream is untouched
+            torch.manual_seed(model_cfg.get("init_seed", 0))
+            model = auto_class.from_config(config, dtype=dtype, attn_implementation=model_cfg.attn_implementation)
         if quantization_config is not None:
             model = reload_quantized(model, quantization_config, dtype)
         name_or_path = f"random_init:{model_type}"

@@ -13,8 +13,8 @@ The reference (``task.reference``):
 - ``adapter_disabled``: the policy itself with its adapter switched off (peft or in-house methods): no copy.
 - ``copy``: a frozen copy of the policy as it starts (any method, also ``full``).
 - ``precomputed``: reference log-probs of every pair of every split, computed once before the first update
-  (adapter disabled, or the starting model for ``full``) and cached on disk under ``task.reference_cache_dir``,
-  keyed by the model config and the encoded pairs: a sweep over ``beta`` computes them once.
+  (adapter disabled, or the starting model for ``full`` / ``bitfit``) and cached on disk under
+  ``task.reference_cache_dir``, keyed by the model config and the encoded pairs: a ``beta`` sweep computes them once.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from tunelab.errors import ConfigError
+from tunelab.methods import IN_PLACE_METHODS
 from tunelab.methods.inhouse import adapters_disabled
 from tunelab.tasks.frozen import FrozenModel, eval_mode
 from tunelab.tasks.pairwise import PairwiseModule, pair_statistics, split_pairs
@@ -49,19 +50,21 @@ def reply_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], average:
     return sequence_logps(logits[:, -input_ids.shape[1] :], batch["labels"], average=average)
 
 
-def check_reference(reference: str, trains_all_weights: bool) -> None:
+def check_reference(reference: str, method: str) -> None:
     if reference not in REFERENCES:
         raise ConfigError(f"task.reference={reference!r} is not one of {list(REFERENCES)}")
-    if reference == "adapter_disabled" and trains_all_weights:
+    if reference == "adapter_disabled" and method in IN_PLACE_METHODS:
         raise ConfigError(
-            "task.reference=adapter_disabled needs an adapter to switch off, but method=full trains the model "
-            "itself: use task.reference=copy or precomputed"
+            f"task.reference=adapter_disabled needs an adapter to switch off, but method={method} trains the model's "
+            "own weights: use task.reference=copy or precomputed"
         )
 
 
 class DPOModule(PairwiseModule):
-    def __init__(self, model: torch.nn.Module, task_cfg: DictConfig, trains_all_weights: bool, identity: str) -> None:
-        """``identity`` names the reference model for the on-disk cache (e.g. the model config as JSON)."""
+    def __init__(self, model: torch.nn.Module, task_cfg: DictConfig, method: str, identity: str) -> None:
+        """``method`` is the method's name; ``identity`` names the reference model for the on-disk cache (e.g. the
+        model config as JSON)."""
+        trains_all_weights = method == "full"
         super().__init__(
             model,
             task_cfg,
@@ -74,7 +77,8 @@ class DPOModule(PairwiseModule):
             raise ConfigError(
                 f"task.label_smoothing={task_cfg.label_smoothing} (conservative DPO) applies to loss_type=sigmoid only"
             )
-        check_reference(task_cfg.reference, trains_all_weights)
+        check_reference(task_cfg.reference, method)
+        self.in_place = method in IN_PLACE_METHODS
         average = task_cfg.average_logps
         self.average = task_cfg.loss_type == "ipo" if average is None else bool(average)
         self.frozen_copy = FrozenModel(copy.deepcopy(model)) if task_cfg.reference == "copy" else None
@@ -97,11 +101,11 @@ class DPOModule(PairwiseModule):
     @torch.no_grad()
     def live_reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Reference log-probs [2B] computed now: the frozen copy, or the policy in eval mode with adapters off
-        (``full`` with ``precomputed``: the policy as it is, which is only right before the first update)."""
+        (``full`` / ``bitfit`` with ``precomputed``: the policy as it is, only right before the first update)."""
         if self.frozen_copy is not None:
             return reply_logps(self.frozen_copy.model, batch, self.average)
         with eval_mode(self.model):
-            if self.trains_all_weights:
+            if self.in_place:
                 return reply_logps(self.model, batch, self.average)
             with adapters_disabled(self.model):
                 return reply_logps(self.model, batch, self.average)
@@ -132,9 +136,9 @@ class DPOModule(PairwiseModule):
             if path.exists():
                 tables[split] = torch.load(path)
                 continue
-            if self.trains_all_weights and self.trainer.global_step > 0:
+            if self.in_place and self.trainer.global_step > 0:
                 raise ConfigError(
-                    f"task.reference=precomputed: {path} is missing and method=full has already updated the model "
+                    f"task.reference=precomputed: {path} is missing and the method has already updated the model "
                     "(a resumed run); restore the cache or start the run again"
                 )
             tables[split] = self._compute_table(pairs, datamodule.collator())

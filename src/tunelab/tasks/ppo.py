@@ -1,0 +1,388 @@
+"""RLHF with PPO (task=ppo): the policy answers prompts, a reward function scores the answers, and the clipped
+PPO objective (Schulman et al., 2017) with a KL penalty towards a frozen reference (Ziegler et al., 2019; trl's
+``PPOTrainer``) raises the expected reward.
+
+The policy is the sampling distribution ``pi(a | s) = softmax(logits(s) / T)`` with ``T = task.rollout.temperature``
+(all of the vocabulary: ``top_k=0, top_p=1``); the reference ``pi_ref`` is scaled by the same ``T``. One training
+step is one PPO iteration on a batch of B prompts (manual optimisation):
+
+1. Rollout (eval mode, no gradient): sample up to ``task.rollout.max_new_tokens`` tokens per prompt. The response
+   mask ``m_t`` keeps the tokens up to and including the first EOS.
+2. Scores ``s_b = reward_fn(completions, records)`` of the decoded completions (as generated, special tokens left
+   out) and the prompts' data records; minus ``task.missing_eos_penalty`` for a completion without EOS (``null``:
+   no penalty).
+3. Old log-probs ``log pi_old(a_t)``, values ``V(s_t)`` (a linear value head on the policy's last hidden state,
+   sharing its backbone), reference log-probs ``log pi_ref(a_t)``; the per-token KL ``k_t = log pi_old - log pi_ref``;
+   rewards ``r_t = -kl_coef * k_t`` plus ``s_b`` on the last response token; GAE(``gamma``, ``lam``) advantages
+   ``A_t``, whitened over the batch's response tokens, and returns ``R_t = A_t + V_t`` (before whitening).
+4. ``task.ppo_epochs`` passes over shuffled minibatches of ``task.minibatch_size`` rollouts, each one optimizer step
+   on ``clipped_policy_loss(cliprange) + vf_coef * clipped_value_loss(cliprange_value)``, gradients clipped to the
+   global norm ``task.max_grad_norm``.
+5. One scheduler step: the schedule spans the run's rollout batches.
+
+The reference is ``reference`` when given (a frozen copy, for methods that change the base weights in place:
+:func:`reference_copy`), else the policy itself with its adapters switched off (:func:`adapters_disabled`), so
+parameter-efficient methods need no second model. Every ``nn.Dropout`` of the policy is switched off (as trl does):
+the rollout's log-probs are exactly those of the policy being updated (the first ratio is 1).
+
+Logged per iteration: ``train/reward_mean`` (reward_fn, before the EOS penalty), ``train/kl`` (mean over rollouts
+of the summed per-token KL), ``train/response_length``, and the means over the iteration's minibatches of
+``train/policy_loss``, ``train/value_loss``, ``train/clip_frac``, ``train/entropy`` (of ``pi`` per response token)
+and ``train/approx_kl`` (``0.5 * mean (log pi - log pi_old)^2``). Validation / test: greedy completions of every
+prompt; ``val/reward_mean``, ``val/kl`` (mean over prompts of ``sum_t log pi(a_t) - log pi_ref(a_t)`` over the
+greedy tokens: a log-ratio of the greedy answer, not a KL estimate, so it can be negative) and
+``val/response_length``.
+
+Reward functions follow ``RewardFn``; one that holds a model may define ``to(device)``, called before each use so
+that model sits beside the policy (:class:`tunelab.rewards.model.RewardModelScorer` does).
+
+Steps: Lightning counts every optimizer step of manual optimisation in ``trainer.global_step``, so
+``trainer.max_steps`` (and checkpoints ``every_n_train_steps``) count ``ppo_epochs * ceil(B / minibatch_size)`` per
+batch; the logger steps once per batch. Not supported: ``trainer.accumulate_grad_batches != 1`` and Lightning's
+``trainer.gradient_clip_val`` (manual optimisation; clipping is ``task.max_grad_norm``), see
+:func:`check_ppo_config`. Generation under FSDP / DeepSpeed ZeRO-3 sharding is untested.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torchmetrics import MeanMetric
+
+from tunelab.data.prompts import prompt_turns
+from tunelab.data.tokenization import IGNORE_INDEX
+from tunelab.errors import ConfigError
+from tunelab.methods import IN_PLACE_METHODS
+from tunelab.methods.inhouse import adapters_disabled
+from tunelab.tasks.base import TaskModule
+from tunelab.tasks.frozen import FrozenModel, eval_mode
+from tunelab.tasks.optim import build_optimizer
+from tunelab.tasks.preference_losses import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy_from_logits,
+    gae,
+    kl_shaped_rewards,
+    masked_mean,
+    per_token_kl,
+    token_logps,
+    whiten,
+)
+
+RewardFn = Callable[[list[str], list[dict[str, Any]]], torch.Tensor]
+REWARD_SOURCES = ("verifiable", "model")
+
+
+def response_mask(response: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """True on each row's tokens up to and including its first ``eos_token_id`` (on all of them without one)."""
+    is_eos = response == eos_token_id
+    return (is_eos.cumsum(-1) - is_eos.long()) == 0
+
+
+def reference_copy(model: torch.nn.Module, method_name: str) -> torch.nn.Module | None:
+    """A frozen copy of ``model`` (taken before training) for methods that change the base weights in place
+    (``IN_PLACE_METHODS``); ``None`` for the others, whose base model returns with the adapters switched off."""
+    if method_name not in IN_PLACE_METHODS:
+        return None
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def check_ppo_config(cfg: DictConfig) -> None:
+    """task=ppo settings that cannot work, refused with a one-line reason before any weights load: task knobs, the
+    reward source, and trainer settings manual optimisation cannot honour."""
+    task, trainer = cfg.task, cfg.trainer
+    if task.reward.source not in REWARD_SOURCES:
+        raise ConfigError(f"task.reward.source={task.reward.source!r} is not one of {list(REWARD_SOURCES)}")
+    if task.reward.source == "model" and not task.reward.get("model_path"):
+        raise ConfigError("task.reward.source=model needs task.reward.model_path=<reward run>/adapter")
+    if task.rollout.temperature <= 0 or task.ppo_epochs < 1 or task.minibatch_size < 1:
+        raise ConfigError(
+            f"task=ppo needs task.rollout.temperature > 0, task.ppo_epochs >= 1 and task.minibatch_size >= 1 (got "
+            f"{task.rollout.temperature}, {task.ppo_epochs}, {task.minibatch_size})"
+        )
+    if trainer.get("accumulate_grad_batches", 1) != 1:
+        raise ConfigError(
+            f"task=ppo steps its optimizer itself (ppo_epochs x minibatches per rollout batch): set "
+            f"trainer.accumulate_grad_batches=1, not {trainer.accumulate_grad_batches}; a larger rollout batch "
+            "is data.batch_size"
+        )
+    if trainer.get("gradient_clip_val"):
+        raise ConfigError(
+            f"task=ppo clips gradients itself: set trainer.gradient_clip_val=null (it is "
+            f"{trainer.gradient_clip_val}) and use task.max_grad_norm"
+        )
+
+
+def build_reward_fn(reward_cfg: DictConfig, cache_dir: str | Path) -> RewardFn:
+    """The reward of ``task.reward``: the data's verifiable scorer, or a trained reward model."""
+    if reward_cfg.source == "model":
+        from tunelab.rewards.model import load_reward_model
+
+        return load_reward_model(reward_cfg.model_path, cache_dir)
+    from tunelab.rewards.verifiable import VerifiableReward
+
+    return VerifiableReward()
+
+
+@dataclass
+class Completions:
+    """Prompts followed by the policy's generated tokens (no gradient)."""
+
+    input_ids: torch.Tensor  # [B, P + R] left-padded prompts, then R generated tokens
+    attention_mask: torch.Tensor  # [B, P + R] 0 on the prompts' padding
+    mask: torch.Tensor  # [B, R] bool: response tokens up to and including the first EOS
+    ended: torch.Tensor  # [B] bool: the completion has an EOS
+    texts: list[str]  # decoded response tokens (special tokens left out; not stripped)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """[B, R + 1] token_logps labels of the response: ``logits[:, -(R + 1) + t]`` predicts response token ``t``;
+        -100 on the first column and after each row's first EOS."""
+        tail = self.input_ids[:, -(self.mask.shape[1] + 1) :]
+        keep = torch.nn.functional.pad(self.mask, (1, 0), value=False)
+        return tail.masked_fill(~keep, IGNORE_INDEX)
+
+
+@dataclass
+class Rollout:
+    """What a PPO update needs of one batch of completions, per row (no gradient)."""
+
+    input_ids: torch.Tensor  # [B, P + R]
+    attention_mask: torch.Tensor  # [B, P + R]
+    labels: torch.Tensor  # [B, R + 1] see Completions.labels
+    mask: torch.Tensor  # [B, R]
+    old_logps: torch.Tensor  # [B, R] log pi_old(a_t)
+    old_values: torch.Tensor  # [B, R] V_old(s_t)
+    advantages: torch.Tensor  # [B, R] whitened GAE advantages
+    returns: torch.Tensor  # [B, R] GAE returns
+
+    def rows(self, index: torch.Tensor) -> Rollout:
+        return Rollout(*(getattr(self, item.name)[index] for item in fields(self)))
+
+
+def hidden_size(model: torch.nn.Module) -> int:
+    return int(model.config.get_text_config().hidden_size)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+class PPOModule(TaskModule):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        task_cfg: DictConfig,
+        trains_all_weights: bool,
+        reward_fn: RewardFn,
+        reference: torch.nn.Module | None = None,
+    ) -> None:
+        super().__init__(model, task_cfg, trains_all_weights)
+        if trains_all_weights and reference is None:
+            raise ConfigError("task=ppo with method=full needs a frozen reference: pass reference_copy(model, 'full')")
+        self.automatic_optimization = False
+        self.tokenizer, self.reward_fn = tokenizer, reward_fn
+        self.reference = FrozenModel(reference) if reference is not None else None  # outside the module tree
+        self.temperature = float(task_cfg.rollout.temperature)
+        self.value_head = torch.nn.Linear(hidden_size(model), 1)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+        disable_dropout(model)
+        self.stage_metrics = torch.nn.ModuleDict(
+            {
+                stage: torch.nn.ModuleDict({name: MeanMetric() for name in ("reward_mean", "kl", "response_length")})
+                for stage in ("val", "test")
+            }
+        )
+        self.test_samples: list[dict[str, Any]] = []
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """The base optimizer and schedule over the policy's trainable parameters and the value head."""
+        return build_optimizer(self, self.cfg.optimizer, self.cfg.scheduler, self.total_training_steps())
+
+    def updates_per_batch(self, batch_size: int) -> int:
+        return self.cfg.ppo_epochs * math.ceil(batch_size / self.cfg.minibatch_size)
+
+    def total_training_steps(self) -> int:
+        """Scheduler steps of the run = rollout batches: ``max_epochs`` epochs of batches, capped by the batches
+        ``trainer.max_steps`` optimizer steps take (``ceil(max_steps / updates_per_batch)``)."""
+        trainer = self.trainer
+        batches = trainer.datamodule.num_train_batches()
+        limits = [batches * trainer.max_epochs] if trainer.max_epochs is not None and trainer.max_epochs > 0 else []
+        if trainer.max_steps > 0:
+            limits.append(math.ceil(trainer.max_steps / self.updates_per_batch(trainer.datamodule.cfg.batch_size)))
+        return min(limits) if limits else batches
+
+    # --- rollout ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def complete(self, batch: Mapping[str, Any], *, sample: bool) -> Completions:
+        """Completions of the batch's prompts in eval mode: sampled from ``pi`` or greedy."""
+        sampling = {"do_sample": True, "temperature": self.temperature, "top_k": 0, "top_p": 1.0}
+        options = sampling if sample else {"do_sample": False}
+        with eval_mode(self.model):
+            output = self.model.generate(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                max_new_tokens=self.cfg.rollout.max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+                **options,
+            )
+        response = output[:, batch["input_ids"].shape[1] :]
+        mask = response_mask(response, self.tokenizer.eos_token_id)
+        tokens = [row[keep].tolist() for row, keep in zip(response, mask, strict=True)]
+        return Completions(
+            input_ids=output,
+            attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(response)], dim=1),
+            mask=mask,
+            ended=(response == self.tokenizer.eos_token_id).any(-1),
+            texts=self.tokenizer.batch_decode(tokens, skip_special_tokens=True),
+        )
+
+    def score(self, completions: Completions, records: Sequence[dict[str, Any]]) -> torch.Tensor:
+        """``reward_fn`` of the completions, float32 [B] on this device."""
+        place = getattr(self.reward_fn, "to", None)
+        if callable(place):
+            place(self.device)
+        return self.reward_fn(completions.texts, list(records)).to(self.device, torch.float32)
+
+    def policy_outputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``log pi(a_t)`` [B, R] (0 off the response), values ``V(s_t)`` [B, R] and the scaled logits
+        [B, R + 1, V] of the response positions (``labels``: see :attr:`Completions.labels`)."""
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        width = labels.shape[1]  # counted from the end: soft-prompt methods prepend virtual positions
+        logits = output.logits[:, -width:] / self.temperature
+        logps, _ = token_logps(logits, labels)
+        hidden = output.hidden_states[-1][:, -width:-1]
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        return logps, values, logits
+
+    @torch.no_grad()
+    def reference_logps(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """``log pi_ref(a_t)`` [B, R] of the response tokens (0 off the response)."""
+        if self.reference is not None:
+            self.reference.to(self.device)
+            logits = self.reference.logits(input_ids, attention_mask)
+        else:
+            with adapters_disabled(self.model):
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return token_logps(logits[:, -labels.shape[1] :] / self.temperature, labels)[0]
+
+    @torch.no_grad()
+    def make_rollout(self, completions: Completions, scores: torch.Tensor) -> tuple[Rollout, torch.Tensor]:
+        """Step 3 (module docstring): the rollout of the scored completions, and its per-token KL [B, R]."""
+        args = (completions.input_ids, completions.attention_mask, completions.labels)
+        old_logps, old_values, _ = self.policy_outputs(*args)
+        mask = completions.mask
+        kl = per_token_kl(old_logps, self.reference_logps(*args))  # 0 off the response, as both log-probs
+        if self.cfg.missing_eos_penalty is not None:
+            scores = scores - self.cfg.missing_eos_penalty * (~completions.ended).to(scores.dtype)
+        rewards = kl_shaped_rewards(scores, kl, mask, self.cfg.kl_coef)
+        advantages, returns = gae(rewards, old_values, mask, self.cfg.gamma, self.cfg.lam)
+        rollout = Rollout(*args, mask, old_logps, old_values, whiten(advantages, mask), returns)
+        return rollout, kl
+
+    # --- update ----------------------------------------------------------------------------------------------
+
+    def update(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """Step 4: ``ppo_epochs`` passes of one optimizer step per shuffled minibatch; the means over the minibatches
+        of their losses and diagnostics."""
+        optimizer = self.optimizers()
+        stats: dict[str, list[torch.Tensor]] = defaultdict(list)
+        for _ in range(self.cfg.ppo_epochs):
+            for index in torch.randperm(rollout.mask.shape[0]).to(self.device).split(self.cfg.minibatch_size):
+                for name, value in self.minibatch_step(rollout.rows(index), optimizer).items():
+                    stats[name].append(value)
+        return {name: torch.stack(values).mean() for name, values in stats.items()}
+
+    def minibatch_step(self, part: Rollout, optimizer: Any) -> dict[str, torch.Tensor]:
+        """One optimizer step on ``policy_loss + vf_coef * value_loss`` of the minibatch ``part``; its losses and
+        diagnostics (detached)."""
+        cfg = self.cfg
+        logps, values, logits = self.policy_outputs(part.input_ids, part.attention_mask, part.labels)
+        policy_loss, clip_frac = clipped_policy_loss(logps, part.old_logps, part.advantages, part.mask, cfg.cliprange)
+        value_loss = clipped_value_loss(values, part.old_values, part.returns, part.mask, cfg.cliprange_value)
+        self.manual_backward(policy_loss + cfg.vf_coef * value_loss)
+        if cfg.max_grad_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=cfg.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            return {
+                "policy_loss": policy_loss.detach(),
+                "value_loss": value_loss.detach(),
+                "clip_frac": clip_frac,
+                "entropy": masked_mean(entropy_from_logits(logits[:, :-1]), part.mask),
+                "approx_kl": 0.5 * masked_mean((logps - part.old_logps) ** 2, part.mask),
+            }
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        completions = self.complete(batch, sample=True)
+        scores = self.score(completions, batch["records"])
+        rollout, kl = self.make_rollout(completions, scores)
+        stats = self.update(rollout)
+        self.lr_schedulers().step()
+        size = len(batch["records"])
+        self.log("train/reward_mean", scores.mean(), prog_bar=True, batch_size=size)
+        stats["kl"] = kl.sum(-1).mean()
+        stats["response_length"] = completions.mask.sum(-1).float().mean()
+        self.log_dict({f"train/{name}": value for name, value in stats.items()}, batch_size=size)
+
+    # --- validation / test -----------------------------------------------------------------------------------
+
+    def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
+        completions = self.complete(batch, sample=False)
+        scores = self.score(completions, batch["records"])
+        args = (completions.input_ids, completions.attention_mask, completions.labels)
+        logps, _, _ = self.policy_outputs(*args)
+        kl = per_token_kl(logps, self.reference_logps(*args))
+        metrics = self.stage_metrics[stage]
+        metrics["reward_mean"].update(scores)
+        metrics["kl"].update(kl.sum(-1))
+        metrics["response_length"].update(completions.mask.sum(-1).float())
+        if stage == "test":
+            self.test_samples += [
+                {
+                    "question": prompt_turns(record)[-1]["content"],
+                    "prediction": text,
+                    "reference": str(record.get("answer", "")),
+                    "reward": float(score),
+                }
+                for record, text, score in zip(batch["records"], completions.texts, scores, strict=True)
+            ]
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        metrics = self.stage_metrics[stage]
+        self.log_dict(
+            {f"{stage}/{name}": metric.compute() for name, metric in metrics.items()}, prog_bar=stage == "val"
+        )
+        for metric in metrics.values():
+            metric.reset()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
