@@ -1,9 +1,11 @@
-"""Plot logged metrics against the optimizer step, from one or more runs' ``metrics.csv`` (the CSV logger's file).
+"""Plot logged metrics against the logged step, from one or more runs' ``metrics.csv`` (the CSV logger's file).
 
     python -m tunelab.curves outputs/<run> --metrics val/rewards/accuracy train/loss --out curves.png
 
-One panel per metric, one line per run (labelled by ``--labels`` or the folder name); rows where a metric is
-empty (logged at other steps) are skipped. Writes a PNG and prints the first / last value of each line.
+The logged step is the optimizer step, except for task=ppo where it is the rollout iteration (each of which
+takes ``ppo_epochs x minibatches`` optimizer steps). One panel per metric, one line per run (labelled by
+``--labels`` or the folder name); rows where a metric is empty (logged at other steps) are skipped. Writes a PNG
+and prints the first / last value of each line.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def plot(run_dirs: list[Path], labels: list[str], metrics: list[str], out: Path)
                 f"{metric} [{label}]: {values[0]:.4g} (step {steps[0]}) -> {values[-1]:.4g} (step {steps[-1]})"
             )
         axis.set_title(metric)
-        axis.set_xlabel("optimizer step")
+        axis.set_xlabel("logged step")
         axis.grid(alpha=0.3)
         if len(run_dirs) > 1:
             axis.legend(fontsize=8)
