@@ -1,9 +1,14 @@
-"""Aggregate a multirun folder into one table: one row per job (its ``metrics.json``), chosen columns.
+"""Aggregate a multirun folder into one table: one row per job (its ``metrics.json``), chosen columns, and
+optionally a plot of metrics against a swept setting.
 
     python -m tunelab.results multirun/method_comparison/<time> --out experiments/method_comparison/table
+    python -m tunelab.results multirun/lora_rank/<time> --columns cfg:method.r trainable_params val/loss \
+        --plot cfg:method.r val/loss val/rougeL --out experiments/lora_rank/table
 
-writes ``table.csv`` and ``table.md`` (and prints the Markdown). A job folder is any direct subfolder with a
-``metrics.json``; the row is named by the folder. Missing metrics show as empty cells.
+writes ``table.csv`` and ``table.md`` (and prints the Markdown), and with ``--plot X Y...`` ``table.png``: one
+panel per Y against X over the jobs, sorted by X. A job folder is any direct subfolder with a ``metrics.json``;
+the row is named by the folder. A ``cfg:<key>`` column is the job's setting (dotted key of its saved
+``config.yaml``). Missing values show as empty cells.
 """
 
 from __future__ import annotations
@@ -24,12 +29,26 @@ DEFAULT_COLUMNS = [
 ]
 
 
+CONFIG_PREFIX = "cfg:"
+
+
+def job_value(job_dir: Path, metrics: dict[str, object], column: str) -> object:
+    """A metric of the job, or for ``cfg:<key>`` the value of ``key`` in the job's ``config.yaml``."""
+    if not column.startswith(CONFIG_PREFIX):
+        return metrics.get(column)
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(job_dir / "config.yaml")
+    return OmegaConf.select(config, column[len(CONFIG_PREFIX) :], default=None)
+
+
 def collect(sweep_dir: Path, columns: list[str]) -> list[dict[str, object]]:
     """One ``{"run": folder name, column: value}`` per job folder, sorted by folder name."""
     rows = []
     for metrics_file in sorted(sweep_dir.glob("*/metrics.json")):
         metrics = json.loads(metrics_file.read_text())
-        rows.append({"run": metrics_file.parent.name, **{column: metrics.get(column) for column in columns}})
+        job = metrics_file.parent
+        rows.append({"run": job.name, **{column: job_value(job, metrics, column) for column in columns}})
     if not rows:
         raise SystemExit(f"no */metrics.json under {sweep_dir}")
     return rows
@@ -50,13 +69,38 @@ def markdown(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(rows: list[dict[str, object]], x: str, ys: list[str], out: Path) -> None:
+    """``out``: one panel per ``y`` against ``x`` over the rows that have both, sorted by ``x``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(ys), figsize=(4.2 * len(ys), 3.3), squeeze=False)
+    for axis, y in zip(axes[0], ys, strict=True):
+        points = sorted((row[x], row[y]) for row in rows if row.get(x) is not None and row.get(y) is not None)
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+        if points and all(isinstance(p[0], int | float) and p[0] > 0 for p in points):
+            axis.set_xscale("log", base=2)
+        axis.set_xlabel(x.removeprefix(CONFIG_PREFIX))
+        axis.set_title(y)
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--columns", nargs="+", default=DEFAULT_COLUMNS, help="metrics.json keys")
-    parser.add_argument("--out", type=Path, help="write <out>.csv and <out>.md")
+    parser.add_argument("--out", type=Path, help="write <out>.csv and <out>.md (and <out>.png with --plot)")
+    parser.add_argument("--plot", nargs="+", metavar="COLUMN", help="X Y [Y ...]: plot the Y columns against X")
     args = parser.parse_args()
-    rows = collect(args.sweep_dir, args.columns)
+    if args.plot and (len(args.plot) < 2 or not args.out):
+        raise SystemExit("--plot needs an X and at least one Y column, and --out for the PNG")
+    columns = list(dict.fromkeys([*args.columns, *(args.plot or [])]))
+    rows = collect(args.sweep_dir, columns)
     table = markdown(rows)
     print(table, end="")
     if args.out:
@@ -66,6 +110,8 @@ def main() -> None:
             writer.writeheader()
             writer.writerows(rows)
         args.out.with_suffix(".md").write_text(table)
+    if args.plot:
+        plot(rows, args.plot[0], args.plot[1:], args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
