@@ -93,3 +93,17 @@ def test_fsdp_strategy_wraps_the_models_transformer_blocks(compose_cfg, tmp_path
     strategy = instantiate(cfg.trainer.strategy)(model=model)
     assert isinstance(strategy, FSDPStrategy)
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
+
+
+EXPERIMENTS = sorted(path.stem for path in (ROOT / "configs" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_passes_the_checks(name, compose_cfg, tmp_path):
+    cfg = compose_cfg([f"experiment={name}", f"paths.output_dir={tmp_path}"])
+    assert str(cfg.run_name).startswith(name) and cfg.seed == 42
+    if cfg.task.name == "distill":  # the teacher is a run of yours: named on the command line
+        with pytest.raises(ConfigError, match="teacher"):
+            check_config(cfg)
+    else:
+        check_config(cfg)
