@@ -55,9 +55,6 @@ class Distillation:
             raise ConfigError(f"task.alpha={task_cfg.alpha} must be in [0, 1], task.temperature > 0")
         self.teacher, self.alpha, self.temperature = teacher, float(task_cfg.alpha), float(task_cfg.temperature)
 
-    def on_fit_start(self) -> None:
-        self.teacher.to(self.device)
-
     def mixed_loss(self, hard: torch.Tensor, soft: torch.Tensor, batch_size: int) -> torch.Tensor:
         loss = self.alpha * hard + (1 - self.alpha) * soft
         self.log_dict({"train/hard_loss": hard, "train/soft_loss": soft}, batch_size=batch_size)

@@ -85,25 +85,12 @@ class DPOModule(PairwiseModule):
         self.identity = identity
         self.cached: dict[str, torch.Tensor] = {}  # split -> [N, 2] reference log-probs (chosen, rejected)
 
-    def _place_reference(self) -> None:
-        if self.frozen_copy is not None:
-            self.frozen_copy.to(self.device)
-
-    def on_fit_start(self) -> None:
-        self._place_reference()
-
-    def on_validation_start(self) -> None:
-        self._place_reference()
-
-    def on_test_start(self) -> None:
-        self._place_reference()
-
     @torch.no_grad()
     def live_reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Reference log-probs [2B] computed now: the frozen copy, or the policy in eval mode with adapters off
         (``full`` / ``bitfit`` with ``precomputed``: the policy as it is, only right before the first update)."""
         if self.frozen_copy is not None:
-            return reply_logps(self.frozen_copy.model, batch, self.average)
+            return reply_logps(self.frozen_copy.on(self.device), batch, self.average)
         with eval_mode(self.model):
             if self.in_place:
                 return reply_logps(self.model, batch, self.average)

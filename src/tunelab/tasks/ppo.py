@@ -277,7 +277,6 @@ class PPOModule(TaskModule):
     ) -> torch.Tensor:
         """``log pi_ref(a_t)`` [B, R] of the response tokens (0 off the response)."""
         if self.reference is not None:
-            self.reference.to(self.device)
             logits = self.reference.logits(input_ids, attention_mask)
         else:
             with adapters_disabled(self.model):
