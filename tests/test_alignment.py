@@ -149,6 +149,7 @@ def test_reward_model_learns_and_reloads(preference_file, compose_cfg, tmp_path)
         (["task=dpo", "method=full"], "method=full trains the model.s own weights"),
         (["task=dpo", "method=bitfit"], "method=bitfit trains the model.s own weights"),
         (["task=dpo", "task.reference=cached"], "is not one of"),
+        (["task=dpo", "task.loss_type=ipo", "task.label_smoothing=0.1"], "loss_type=sigmoid only"),
     ],
 )
 def test_combinations_that_cannot_work_fail_at_config_time(overrides, words, compose_cfg):

@@ -64,9 +64,9 @@ def check_task_fits_data(cfg: DictConfig) -> None:
             f"{cfg.data.get('kind') or 'instruction / labeled'} records; use {DATA_OF_KIND[needed]}"
         )
     if cfg.task.name == "dpo":
-        from tunelab.tasks.dpo import check_reference
+        from tunelab.tasks.dpo import check_dpo_config
 
-        check_reference(cfg.task.reference, cfg.method.name)
+        check_dpo_config(cfg.task, cfg.method.name)
     if cfg.task.name == "ppo":
         from tunelab.tasks.ppo import check_ppo_config
 

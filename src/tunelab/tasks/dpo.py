@@ -50,7 +50,16 @@ def reply_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], average:
     return sequence_logps(logits[:, -input_ids.shape[1] :], batch["labels"], average=average)
 
 
-def check_reference(reference: str, method: str) -> None:
+def check_dpo_config(task_cfg: DictConfig, method: str) -> None:
+    """task=dpo settings that cannot work, refused with one sentence (before any weights load, and again by the
+    module): the loss type, label smoothing outside sigmoid DPO, and the reference for the method."""
+    if task_cfg.loss_type not in DPO_LOSS_TYPES:
+        raise ConfigError(f"task.loss_type={task_cfg.loss_type!r} is not one of {list(DPO_LOSS_TYPES)}")
+    if task_cfg.label_smoothing and task_cfg.loss_type != "sigmoid":
+        raise ConfigError(
+            f"task.label_smoothing={task_cfg.label_smoothing} (conservative DPO) applies to loss_type=sigmoid only"
+        )
+    reference = task_cfg.reference
     if reference not in REFERENCES:
         raise ConfigError(f"task.reference={reference!r} is not one of {list(REFERENCES)}")
     if reference == "adapter_disabled" and method in IN_PLACE_METHODS:
@@ -71,13 +80,7 @@ class DPOModule(PairwiseModule):
             trains_all_weights,
             extra_statistics=("logps/chosen", "logps/rejected", "logps/accuracy", "ref_logps/accuracy"),
         )
-        if task_cfg.loss_type not in DPO_LOSS_TYPES:
-            raise ConfigError(f"task.loss_type={task_cfg.loss_type!r} is not one of {list(DPO_LOSS_TYPES)}")
-        if task_cfg.label_smoothing and task_cfg.loss_type != "sigmoid":
-            raise ConfigError(
-                f"task.label_smoothing={task_cfg.label_smoothing} (conservative DPO) applies to loss_type=sigmoid only"
-            )
-        check_reference(task_cfg.reference, method)
+        check_dpo_config(task_cfg, method)
         self.in_place = method in IN_PLACE_METHODS
         average = task_cfg.average_logps
         self.average = task_cfg.loss_type == "ipo" if average is None else bool(average)
