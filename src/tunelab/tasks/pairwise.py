@@ -18,15 +18,13 @@ from torchmetrics import MeanMetric
 
 from tunelab.tasks.base import TaskModule
 
+PAIR_STATISTICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
+
 
 def pair_statistics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
     """Mean chosen / rejected reward, accuracy ``mean(chosen > rejected)`` and margin ``mean(chosen - rejected)``."""
-    return {
-        "rewards/chosen": chosen.mean(),
-        "rewards/rejected": rejected.mean(),
-        "rewards/accuracy": (chosen > rejected).float().mean(),
-        "rewards/margin": (chosen - rejected).mean(),
-    }
+    values = (chosen.mean(), rejected.mean(), (chosen > rejected).float().mean(), (chosen - rejected).mean())
+    return dict(zip(PAIR_STATISTICS, values, strict=True))
 
 
 def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,8 +36,6 @@ def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class PairwiseModule(TaskModule):
     """Subclasses define :meth:`pair_outputs`; this class trains on their mean loss and logs the statistics."""
 
-    PAIR_STATISTICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
-
     def __init__(
         self,
         model: torch.nn.Module,
@@ -48,7 +44,7 @@ class PairwiseModule(TaskModule):
         extra_statistics: tuple[str, ...] = (),
     ) -> None:
         super().__init__(model, task_cfg, trains_all_weights)
-        names = ("loss", *self.PAIR_STATISTICS, *extra_statistics)
+        names = ("loss", *PAIR_STATISTICS, *extra_statistics)
         self.eval_metrics = torch.nn.ModuleDict(
             {stage: torch.nn.ModuleDict({self._key(n): MeanMetric() for n in names}) for stage in ("val", "test")}
         )
