@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from tunelab.data.collate import ClassificationCollator, EncodedLabeled, GenerationCollator, TrainingCollator
 from tunelab.data.labeled import LabeledExample, load_labeled
-from tunelab.data.loading import load_examples
+from tunelab.data.loading import LoadResult, load_examples
 from tunelab.data.preference import PreferenceCollator, PreferenceExample, encode_preference, load_preferences
 from tunelab.data.records import ChatExample
 from tunelab.data.sampler import ResumableSampler
@@ -193,31 +193,54 @@ class SplitDataModule(LightningDataModule):
         self._resume = dict(state_dict) if state_dict else None
 
 
-class SFTDataModule(SplitDataModule):
-    def __init__(
-        self, data_cfg: DictConfig, tokenizer: Any, cache_dir: str | Path, generation_samples: int = 0
-    ) -> None:
+class RecordDataModule(SplitDataModule):
+    """Splits of the records :meth:`read` loads from a file (a load with ``examples`` and located ``skipped``
+    reasons) and :meth:`encode` turns into batchable items (with the reasons of those it drops); ``report``
+    counts the skipped records per file and the examples and dropped ones per split."""
+
+    def __init__(self, data_cfg: DictConfig, tokenizer: Any, cache_dir: str | Path) -> None:
         super().__init__(data_cfg, cache_dir)
-        self.tokenizer, self.generation_samples = tokenizer, generation_samples
-        self.splits: dict[str, list[EncodedExample]] = {}
+        self.tokenizer = tokenizer
 
-    def collator(self) -> TrainingCollator:
-        return TrainingCollator(self.tokenizer.pad_token_id, self.cfg.pad_to_multiple_of)
+    def read(self, path: str | Path) -> Any:
+        raise NotImplementedError
 
-    def _load(self, path: str | Path) -> list[ChatExample]:
-        result = load_examples(path, self.cfg.format, on_error=self.cfg.on_error, limit=self.cfg.get("limit"))
+    def encode(self, items: list[Any]) -> tuple[list[Any], list[str]]:
+        raise NotImplementedError
+
+    def _load(self, path: str | Path) -> list[Any]:
+        result = self.read(path)
         self.report.setdefault("skipped_records", {})[str(path)] = len(result.skipped)
-        return result.examples
+        return result.examples[: self.cfg.get("limit")]
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
         raw = self.raw_splits(self._load)
         for split, items in raw.items():
-            encoded, dropped = encode_examples(self.tokenizer, items, self.cfg.max_length, self.cfg.on_overflow)
-            self.splits[split] = encoded
-            self.report[split] = {"examples": len(encoded), "dropped_overflow": len(dropped)}
-        log.info("Data %s: %s", self.cfg.name, {k: v["examples"] for k, v in self.report.items() if k in raw})
+            self.splits[split], dropped = self.encode(items)
+            self.report[split] = {"examples": len(self.splits[split]), "dropped_overflow": len(dropped)}
+        log.info("Data %s: %s", self.cfg.name, {split: self.report[split]["examples"] for split in raw})
+
+
+class SFTDataModule(RecordDataModule):
+    """Instruction / chat examples (``data.format``) -> prompt-masked training batches; validation and test add
+    left-padded prompts of the first ``generation_samples`` examples for generation metrics."""
+
+    def __init__(
+        self, data_cfg: DictConfig, tokenizer: Any, cache_dir: str | Path, generation_samples: int = 0
+    ) -> None:
+        super().__init__(data_cfg, tokenizer, cache_dir)
+        self.generation_samples = generation_samples
+
+    def collator(self) -> TrainingCollator:
+        return TrainingCollator(self.tokenizer.pad_token_id, self.cfg.pad_to_multiple_of)
+
+    def read(self, path: str | Path) -> LoadResult:
+        return load_examples(path, self.cfg.format, on_error=self.cfg.on_error, limit=self.cfg.get("limit"))
+
+    def encode(self, items: list[ChatExample]) -> tuple[list[EncodedExample], list[str]]:
+        return encode_examples(self.tokenizer, items, self.cfg.max_length, self.cfg.on_overflow)
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         """Teacher-forced loss batches, plus left-padded prompts of the first ``generation_samples`` examples."""
@@ -269,36 +292,6 @@ class ClassificationDataModule(SplitDataModule):
     def label_counts(self) -> list[int]:
         """Training examples per class (for class weights)."""
         return self.report["train"]["per_label"]
-
-
-class RecordDataModule(SplitDataModule):
-    """Splits of the records :meth:`read` loads from a file (a load with ``examples`` and located ``skipped``
-    reasons) and :meth:`encode` turns into batchable items (with the reasons of those it drops); ``report``
-    counts the skipped records per file and the examples and dropped ones per split."""
-
-    def __init__(self, data_cfg: DictConfig, tokenizer: Any, cache_dir: str | Path) -> None:
-        super().__init__(data_cfg, cache_dir)
-        self.tokenizer = tokenizer
-
-    def read(self, path: str | Path) -> Any:
-        raise NotImplementedError
-
-    def encode(self, items: list[Any]) -> tuple[list[Any], list[str]]:
-        raise NotImplementedError
-
-    def _load(self, path: str | Path) -> list[Any]:
-        result = self.read(path)
-        self.report.setdefault("skipped_records", {})[str(path)] = len(result.skipped)
-        return result.examples[: self.cfg.get("limit")]
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
-        raw = self.raw_splits(self._load)
-        for split, items in raw.items():
-            self.splits[split], dropped = self.encode(items)
-            self.report[split] = {"examples": len(self.splits[split]), "dropped_overflow": len(dropped)}
-        log.info("Data %s: %s", self.cfg.name, {split: self.report[split]["examples"] for split in raw})
 
 
 class PreferenceDataModule(RecordDataModule):
