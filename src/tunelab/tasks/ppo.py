@@ -60,10 +60,11 @@ from torchmetrics import MeanMetric
 from tunelab.data.prompts import prompt_turns
 from tunelab.data.tokenization import IGNORE_INDEX
 from tunelab.errors import ConfigError
+from tunelab.generation import generate_tokens
 from tunelab.methods import IN_PLACE_METHODS
 from tunelab.methods.inhouse import adapters_disabled
 from tunelab.tasks.base import TaskModule
-from tunelab.tasks.frozen import FrozenModel, eval_mode
+from tunelab.tasks.frozen import FrozenModel
 from tunelab.tasks.optim import build_optimizer
 from tunelab.tasks.preference_losses import (
     clipped_policy_loss,
@@ -229,17 +230,15 @@ class PPOModule(TaskModule):
     @torch.no_grad()
     def complete(self, batch: Mapping[str, Any], *, sample: bool) -> Completions:
         """Completions of the batch's prompts in eval mode: sampled from ``pi`` or greedy."""
-        sampling = {"do_sample": True, "temperature": self.temperature, "top_k": 0, "top_p": 1.0}
-        options = sampling if sample else {"do_sample": False}
-        with eval_mode(self.model):
-            output = self.model.generate(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                max_new_tokens=self.cfg.rollout.max_new_tokens,
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
-                **options,
-            )
+        sampling = {"do_sample": True, "temperature": self.temperature, "top_k": 0, "top_p": 1.0} if sample else {}
+        output = generate_tokens(
+            self.model,
+            self.tokenizer,
+            batch["input_ids"],
+            batch["attention_mask"],
+            self.cfg.rollout.max_new_tokens,
+            **sampling,
+        )
         response = output[:, batch["input_ids"].shape[1] :]
         mask = response_mask(response, self.tokenizer.eos_token_id)
         tokens = [row[keep].tolist() for row, keep in zip(response, mask, strict=True)]
