@@ -32,23 +32,26 @@ DEFAULT_COLUMNS = [
 CONFIG_PREFIX = "cfg:"
 
 
-def job_value(job_dir: Path, metrics: dict[str, object], column: str) -> object:
-    """A metric of the job, or for ``cfg:<key>`` the value of ``key`` in the job's ``config.yaml``."""
-    if not column.startswith(CONFIG_PREFIX):
-        return metrics.get(column)
-    from omegaconf import OmegaConf
+def job_row(job_dir: Path, columns: list[str]) -> dict[str, object]:
+    """The job's metrics, and for ``cfg:<key>`` columns the value of ``key`` in its ``config.yaml`` (read once)."""
+    metrics = json.loads((job_dir / "metrics.json").read_text())
+    settings = [column for column in columns if column.startswith(CONFIG_PREFIX)]
+    row = {column: metrics.get(column) for column in columns}
+    if settings:
+        from omegaconf import OmegaConf
 
-    config = OmegaConf.load(job_dir / "config.yaml")
-    return OmegaConf.select(config, column[len(CONFIG_PREFIX) :], default=None)
+        config = OmegaConf.load(job_dir / "config.yaml")
+        row.update(
+            {column: OmegaConf.select(config, column[len(CONFIG_PREFIX) :], default=None) for column in settings}
+        )
+    return row
 
 
 def collect(sweep_dir: Path, columns: list[str]) -> list[dict[str, object]]:
     """One ``{"run": folder name, column: value}`` per job folder, sorted by folder name."""
-    rows = []
-    for metrics_file in sorted(sweep_dir.glob("*/metrics.json")):
-        metrics = json.loads(metrics_file.read_text())
-        job = metrics_file.parent
-        rows.append({"run": job.name, **{column: job_value(job, metrics, column) for column in columns}})
+    rows = [
+        {"run": job.parent.name, **job_row(job.parent, columns)} for job in sorted(sweep_dir.glob("*/metrics.json"))
+    ]
     if not rows:
         raise SystemExit(f"no */metrics.json under {sweep_dir}")
     return rows
