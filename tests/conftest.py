@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -112,6 +114,32 @@ def tiny_overrides(alpaca_file: Path, output_dir: Path) -> list[str]:
         "task.generation.num_samples=4",
         "task.generation.max_new_tokens=8",
     ]
+
+
+def run_distributed(
+    alpaca_file: Path, output_dir: Path, trainer: str, *overrides: str, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """``train.py trainer=<trainer>`` on 2 CPU processes (gloo) with the tiny overrides, as a subprocess: inside
+    pytest, Lightning's launcher would re-run the pytest command for rank 1. DeepSpeed's JIT-built CPU op is
+    cached under the asset cache."""
+    tiny = [o for o in tiny_overrides(alpaca_file, output_dir) if not o.startswith(("trainer.devices", "trainer.acc"))]
+    command = [
+        sys.executable,
+        "train.py",
+        f"trainer={trainer}",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        f"hydra.run.dir={output_dir}",
+        *tiny,
+        *overrides,
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TORCH_EXTENSIONS_DIR": str(Path(os.environ["TUNELAB_CACHE"]) / "torch_extensions"),
+    }
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture

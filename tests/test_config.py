@@ -44,7 +44,10 @@ def test_llama7b_chat_template_renders_inst_format(compose_cfg, tmp_path):
     assert text == "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello </s>"
 
 
-@pytest.mark.parametrize("trainer", ["default", "cpu", "gpu", "ddp", "fsdp", "deepspeed"])
+TRAINERS = ["default", "cpu", "gpu", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"]
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed", "bf16-true"])
 def test_trainer_group_composes(compose_cfg, tmp_path, trainer, precision):
     cfg = compose_cfg([f"trainer={trainer}", f"trainer.precision={precision}", f"paths.output_dir={tmp_path}"])
@@ -90,9 +93,46 @@ def test_fsdp_strategy_wraps_the_models_transformer_blocks(compose_cfg, tmp_path
 
     cfg = compose_cfg(["model=tiny", "trainer=fsdp", f"paths.output_dir={tmp_path}"])
     model = load_model(cfg.model, cfg.paths.cache_dir).model
-    strategy = instantiate(cfg.trainer.strategy)(model=model)
+    strategy = instantiate(cfg.trainer.strategy)(model=model, accelerator="cpu")
     assert isinstance(strategy, FSDPStrategy)
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
+    assert strategy._activation_checkpointing_kwargs == {}
+    cfg = compose_cfg(["model=tiny", "trainer=fsdp", "trainer.strategy.activation_checkpointing=true"])
+    strategy = instantiate(cfg.trainer.strategy)(model=model, accelerator="cpu")
+    assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
+
+
+@pytest.mark.parametrize(
+    ("trainer", "stage", "offload"),
+    [("deepspeed_zero2", 2, False), ("deepspeed_zero3", 3, False), ("deepspeed_zero3_offload", 3, True)],
+)
+def test_deepspeed_trainers_set_the_zero_stage(compose_cfg, cache_dir, trainer, stage, offload):
+    from hydra.utils import instantiate
+
+    from tunelab.config_checks import shards_parameters
+    from tunelab.models.loading import load_model
+    from tunelab.strategies import CPUDeepSpeedStrategy
+
+    cfg = compose_cfg(["model=tiny", f"trainer={trainer}"])
+    model = load_model(cfg.model, cache_dir).model
+    model.model.embed_tokens.weight.requires_grad_(False)  # a frozen part: checkpoints leave it out
+    strategy = instantiate(cfg.trainer.strategy)(model=model, accelerator="cpu")
+    assert isinstance(strategy, CPUDeepSpeedStrategy)
+    zero = strategy.config["zero_optimization"]
+    assert zero["stage"] == stage
+    assert ("offload_optimizer" in zero) == offload and ("offload_param" in zero) == offload
+    assert strategy.exclude_frozen_parameters
+    assert shards_parameters(cfg.trainer) == (stage == 3)
+
+
+def test_parameter_offload_needs_zero3(compose_cfg, cache_dir):
+    from hydra.utils import instantiate
+
+    from tunelab.models.loading import load_model
+
+    cfg = compose_cfg(["model=tiny", "trainer=deepspeed_zero2", "trainer.strategy.offload_parameters=true"])
+    with pytest.raises(ConfigError, match="needs ZeRO stage 3"):
+        instantiate(cfg.trainer.strategy)(model=load_model(cfg.model, cache_dir).model, accelerator="cpu")
 
 
 EXPERIMENTS = sorted(path.stem for path in (ROOT / "configs" / "experiment").glob("*.yaml"))

@@ -23,6 +23,17 @@ def declared_model_type(model_cfg: DictConfig) -> str | None:
     return model_cfg.get("model_type")
 
 
+def shards_parameters(trainer_cfg: DictConfig) -> bool:
+    """Whether the strategy splits each parameter over ranks: FSDP (all sharding modes but NO_SHARD) or ZeRO-3."""
+    strategy = trainer_cfg.strategy
+    if isinstance(strategy, DictConfig):
+        target = str(strategy.get("_target_", ""))
+        if target.endswith("fsdp_strategy"):
+            return strategy.get("sharding_strategy", "FULL_SHARD") != "NO_SHARD"
+        return target.endswith("deepspeed_strategy") and strategy.get("stage") == 3
+    return "fsdp" in str(strategy) or "stage_3" in str(strategy)
+
+
 def check_method_fits_model(cfg: DictConfig) -> None:
     """Method x model x trainer combinations that cannot work, named in one sentence."""
     from tunelab.methods import SOFT_PROMPT_METHODS, required_sublayers
@@ -43,8 +54,7 @@ def check_method_fits_model(cfg: DictConfig) -> None:
             "the last non-pad token, which peft's virtual-token inputs hide; use an encoder (model=minilm_l6) or "
             "method=prefix / ptuning_v2 / lora"
         )
-    sharded = "fsdp" in str(cfg.trainer.strategy) or "stage_3" in str(cfg.trainer.strategy)
-    if method == "qlora" and sharded and cfg.method.quant_storage == "uint8":
+    if method == "qlora" and shards_parameters(cfg.trainer) and cfg.method.quant_storage == "uint8":
         raise ConfigError(
             "method=qlora with a sharded strategy (FSDP / ZeRO-3) needs 4-bit weights stored in the float dtype "
             "the shards are flattened in: set method.quant_storage=bfloat16 (or the model dtype)"
@@ -107,5 +117,10 @@ def check_config(cfg: DictConfig) -> None:
 
         raise ConfigError(MISSING_TEACHER)
     check_task_fits_data(cfg)
+    if cfg.export.merged and not cfg.export.adapter and shards_parameters(cfg.trainer):
+        raise ConfigError(
+            "export.merged=true under a sharded strategy merges the complete adapter gathered for export: "
+            "keep export.adapter=true"
+        )
     if cfg.method.name == "full" and cfg.export.merged:
         raise ConfigError("export.merged=true needs an adapter method; method=full already exports the full model")

@@ -20,14 +20,17 @@ from tunelab.methods.inhouse import is_inhouse, is_inhouse_dir, load_inhouse, sa
 from tunelab.methods.qlora import four_bit_layers, merge_dequantized
 
 
-def export_adapter(model: torch.nn.Module, tokenizer: Any | None, directory: Path) -> Path:
+def export_adapter(
+    model: torch.nn.Module, tokenizer: Any | None, directory: Path, state: Mapping[str, torch.Tensor] | None = None
+) -> Path:
     """Save the adapter (peft, or in-house: weights + method config) or, for full fine-tuning and bitfit, the
-    whole model (transformers) to ``directory``."""
+    whole model (transformers) to ``directory``. ``state``: the tensors gathered from a sharded model
+    (:func:`tunelab.strategies.gathered_state_dict`), saved in place of ``model``'s local shards."""
     directory.mkdir(parents=True, exist_ok=True)
     if is_inhouse(model):
-        save_inhouse(model, directory)
+        save_inhouse(model, directory, state)
     else:
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, state_dict=dict(state) if state is not None else None)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory

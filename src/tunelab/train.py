@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from tunelab.config_checks import check_config
+from tunelab.config_checks import check_config, shards_parameters
 
 log = logging.getLogger("tunelab")
 
@@ -30,12 +30,12 @@ def instantiate_loggers(cfg: DictConfig) -> list[Any]:
 
 
 def build_trainer(cfg: DictConfig, model: Any, callbacks: list[Any], loggers: list[Any]) -> Any:
-    """The Lightning Trainer from ``cfg.trainer``; strategy factories get the loaded model."""
+    """The Lightning Trainer from ``cfg.trainer``; strategy factories get the loaded model and the accelerator."""
     from hydra.utils import instantiate
 
     strategy = cfg.trainer.strategy
     if isinstance(strategy, DictConfig):
-        strategy = instantiate(strategy)(model=model)
+        strategy = instantiate(strategy)(model=model, accelerator=cfg.trainer.accelerator)
     return instantiate(cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers or False)
 
 
@@ -177,8 +177,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     check_config(cfg)
     import lightning.pytorch as pl
 
+    from tunelab.evaluate import load_adapter
     from tunelab.export import export_adapter, export_merged
     from tunelab.run_info import write_json, write_run_info
+    from tunelab.strategies import gathered_for_export
 
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -210,11 +212,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         metrics.update(results)
     elif best_path:
         module.load_state_dict(checkpoint_state(best_path), strict=module.strict_loading)
+    if cfg.export.adapter:
+        with gathered_for_export(trainer, objects["model"]) as gathered:  # every rank: sharded saves gather
+            if trainer.is_global_zero:
+                adapter_dir = export_adapter(objects["model"], objects["tokenizer"], output_dir / "adapter", gathered)
+                metrics["adapter_dir"] = str(adapter_dir)
     if trainer.is_global_zero:
-        if cfg.export.adapter:
-            metrics["adapter_dir"] = str(export_adapter(objects["model"], objects["tokenizer"], output_dir / "adapter"))
         if cfg.export.merged:
-            metrics["merged_dir"] = str(export_merged(objects["model"], objects["tokenizer"], output_dir / "merged"))
+            # a sharded model holds slices on this rank: merge the complete adapter just saved instead
+            sharded = shards_parameters(cfg.trainer)
+            source = load_adapter(cfg, adapter_dir, cfg.paths.cache_dir)[0] if sharded else objects["model"]
+            metrics["merged_dir"] = str(export_merged(source, objects["tokenizer"], output_dir / "merged"))
         metrics["data"] = datamodule.report
         metrics.update(perf_summary(callbacks, module))
         metrics.update(module.summary() if hasattr(module, "summary") else {})

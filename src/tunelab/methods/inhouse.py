@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -261,12 +261,18 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: param.detach().contiguous() for name, param in model.named_parameters() if param.requires_grad}
 
 
-def save_inhouse(model: nn.Module, directory: Path) -> Path:
-    """Write the trained tensors and the method config that rebuilds their modules to ``directory``."""
+def save_inhouse(model: nn.Module, directory: Path, state: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write the trained tensors (from ``state`` when given: a sharded model's gathered tensors) and the method
+    config that rebuilds their modules to ``directory``."""
     from safetensors.torch import save_file
 
+    from tunelab.strategies import unwrapped_name
+
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(trained_state(model), str(directory / WEIGHTS_FILE))
+    tensors = trained_state(model)
+    if state is not None:
+        tensors = {unwrapped_name(name): state[unwrapped_name(name)].contiguous() for name in tensors}
+    save_file(tensors, str(directory / WEIGHTS_FILE))
     (directory / METHOD_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(model.tunelab_method)))
     return directory
 

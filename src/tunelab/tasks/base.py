@@ -34,16 +34,38 @@ class TaskModule(LightningModule):
             return min(epochs_steps, trainer.max_steps) if trainer.max_steps > 0 else epochs_steps
         return trainer.max_steps if trainer.max_steps > 0 else per_epoch
 
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Lightning's clipping, except under FSDP, whose root clips by the norm over every rank's shards
+        (Lightning's FSDP precision refuses ``norm`` clipping)."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = self.trainer.strategy.model
+        clips_norm = gradient_clip_val and gradient_clip_algorithm in (None, "norm")
+        if isinstance(root, FullyShardedDataParallel) and clips_norm:
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def trained_names(self) -> set[str]:
+        """State-dict names of the tensors this module trains (as an unwrapped module names them)."""
+        from tunelab.strategies import unwrapped_name
+
+        return {unwrapped_name(name) for name, param in self.named_parameters() if param.requires_grad}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Parameter-efficient methods checkpoint only what trains; the frozen base comes from the config."""
         if self.trains_all_weights:
             return
-        trainable = {name for name, param in self.named_parameters() if param.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in self.trained_names()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {name for name, param in self.named_parameters() if param.requires_grad}
-        missing = sorted(trainable - set(checkpoint["state_dict"]))
+        """Refuse a checkpoint that lacks some trained tensor (sharded strategies load the weights themselves
+        and hand over the checkpoint without its ``state_dict``)."""
+        if "state_dict" not in checkpoint:
+            return
+        missing = sorted(self.trained_names() - set(checkpoint["state_dict"]))
         if missing:
             raise RuntimeError(
                 f"checkpoint lacks {len(missing)} trainable tensors of this method (e.g. {missing[0]}); "

@@ -18,15 +18,14 @@ SCHEDULES = ("cosine", "linear", "constant")
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters split into decayed (ndim >= 2) and non-decayed groups."""
+    """Trainable parameters split into decayed (ndim >= 2) and non-decayed groups; empty groups are left out
+    (DeepSpeed drops them, after which a schedule built on the full list no longer matches its optimizer)."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 def warmup_steps(scheduler_cfg: DictConfig, total_steps: int) -> int:
@@ -45,7 +44,7 @@ def build_optimizer(
     if scheduler_cfg.name not in SCHEDULES:
         raise ConfigError(f"task.scheduler.name={scheduler_cfg.name!r} is not one of {list(SCHEDULES)}")
     groups = parameter_groups(model, optimizer_cfg.weight_decay)
-    if not any(group["params"] for group in groups):
+    if not groups:
         raise ConfigError("no trainable parameters: the method froze everything")
     optimizer = torch.optim.AdamW(groups, lr=optimizer_cfg.lr, betas=tuple(optimizer_cfg.betas), eps=optimizer_cfg.eps)
     name = "constant_with_warmup" if scheduler_cfg.name == "constant" else scheduler_cfg.name
