@@ -11,9 +11,9 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from tunelab.train import run
+    from tunelab.multirun import run_job
 
-    return run(cfg)
+    return run_job(cfg)
 
 
 if __name__ == "__main__":

@@ -73,3 +73,18 @@ def test_sampler_shards_ranks_and_resumes_mid_epoch():
     other_epoch.set_epoch(1)
     assert list(other_epoch) != full
     assert torch.equal(torch.tensor(list(ResumableSampler(5, shuffle=False, seed=0))), torch.arange(5))
+
+
+def test_sized_sampler_gives_each_sample_its_global_batch_total():
+    sizes = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
+    single = list(ResumableSampler(10, shuffle=True, seed=3, sizes=sizes, global_batch=4))
+    order = [index for index, _ in single]
+    for position, (_index, total) in enumerate(single):
+        start = position // 4 * 4
+        assert total == sum(sizes[i] for i in order[start : start + 4])
+    assert single[-1][1] == sum(sizes[i] for i in order[8:])  # the last, partial step
+    # 2 ranks x 2 per micro-batch: the same global batches, so the same totals for every sample
+    ranks = [
+        ResumableSampler(10, shuffle=True, seed=3, rank=r, world_size=2, sizes=sizes, global_batch=4) for r in (0, 1)
+    ]
+    assert sorted([*ranks[0], *ranks[1]]) == sorted(single)

@@ -20,6 +20,18 @@ def wandb_has_credentials() -> bool:
         return False
 
 
+def sweep_group() -> str | None:
+    """Under ``-m``, the W&B group shared by every job of this sweep: its sweep folder (``<time>`` for the
+    default ``multirun/<time>``, else ``<parent>/<time>``, e.g. ``lora_rank/<time>``); None for a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    sweep_dir = Path(HydraConfig.get().sweep.dir).resolve()
+    return sweep_dir.name if sweep_dir.parent.name == "multirun" else f"{sweep_dir.parent.name}/{sweep_dir.name}"
+
+
 def wandb_logger(
     project: str,
     name: str,
@@ -28,7 +40,9 @@ def wandb_logger(
     group: str | None = None,
     tags: list[str] | None = None,
 ) -> Any:
-    """A Lightning ``WandbLogger``; ``mode=auto`` logs online with credentials and offline without."""
+    """A Lightning ``WandbLogger``; ``mode=auto`` logs online with credentials and offline without.
+
+    ``group=None`` under ``-m`` becomes :func:`sweep_group` (each job is its own run, one group per sweep)."""
     from lightning.pytorch.loggers import WandbLogger
 
     if mode not in MODES:
@@ -40,7 +54,7 @@ def wandb_logger(
         project=project,
         name=name,
         save_dir=save_dir,
-        group=group,
+        group=group if group is not None else sweep_group(),
         tags=list(tags or []),
         mode=mode,
         offline=mode == "offline",

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningDataModule
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from tunelab.data.collate import ClassificationCollator, EncodedLabeled, GenerationCollator, TrainingCollator
 from tunelab.data.labeled import LabeledExample, load_labeled
@@ -29,7 +29,7 @@ from tunelab.data.loading import LoadResult, load_examples
 from tunelab.data.preference import PreferenceCollator, PreferenceExample, encode_preference, load_preferences
 from tunelab.data.records import ChatExample
 from tunelab.data.sampler import ResumableSampler
-from tunelab.data.tokenization import EncodedExample, encode_examples
+from tunelab.data.tokenization import IGNORE_INDEX, EncodedExample, encode_examples
 from tunelab.errors import ConfigError
 
 log = logging.getLogger("tunelab.data")
@@ -92,6 +92,32 @@ def seeded_split(examples: list[Any], data_cfg: DictConfig) -> dict[str, list[An
     }
 
 
+class WithBatchTotal(Dataset):
+    """Items looked up by the ``(index, total)`` pairs a sized :class:`ResumableSampler` yields."""
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, int]:
+        index, total = key
+        return self.items[index], total
+
+
+class BatchTotalCollator:
+    """The task's collator, plus ``global_batch_size``: the loss normalizer of the optimizer step."""
+
+    def __init__(self, collate: Callable[[list[Any]], dict[str, Any]]) -> None:
+        self.collate = collate
+
+    def __call__(self, rows: list[tuple[Any, int]]) -> dict[str, Any]:
+        batch = self.collate([item for item, _ in rows])
+        batch["global_batch_size"] = torch.tensor(rows[0][1])
+        return batch
+
+
 class SplitDataModule(LightningDataModule):
     """Splits of encoded examples and the loaders every task shares; subclasses fill ``splits`` in ``setup``
     and name their batch collator in :meth:`collator`."""
@@ -136,19 +162,33 @@ class SplitDataModule(LightningDataModule):
         per_rank = math.ceil(len(self.splits["train"]) / world)
         return math.ceil(per_rank / self.cfg.batch_size)
 
+    def loss_sizes(self) -> list[int] | None:
+        """Each training item's weight in the loss normalizer (SFT: its supervised tokens), or ``None`` when the
+        task averages per micro-batch. With sizes, training batches carry ``global_batch_size``: the summed
+        sizes of the whole optimizer step over ranks and accumulation (see :class:`ResumableSampler`)."""
+        return None
+
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_and_world()
+        sizes = self.loss_sizes()
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         self._sampler = ResumableSampler(
-            len(self.splits["train"]), shuffle=self.cfg.shuffle, seed=self.cfg.seed, rank=rank, world_size=world
+            len(self.splits["train"]),
+            shuffle=self.cfg.shuffle,
+            seed=self.cfg.seed,
+            rank=rank,
+            world_size=world,
+            sizes=sizes,
+            global_batch=self.cfg.batch_size * accumulate * world,
         )
         if self._resume is not None:
             self._sampler.resume_from(self._resume["epoch"], self._resume["consumed"])
             self._resume = None
         return DataLoader(
-            self.splits["train"],
+            self.splits["train"] if sizes is None else WithBatchTotal(self.splits["train"]),
             batch_size=self.cfg.batch_size,
             sampler=self._sampler,
-            collate_fn=self.collator(),
+            collate_fn=self.collator() if sizes is None else BatchTotalCollator(self.collator()),
             num_workers=self.cfg.num_workers,
             generator=self._loader_generator(),
         )
@@ -241,6 +281,11 @@ class SFTDataModule(RecordDataModule):
 
     def encode(self, items: list[ChatExample]) -> tuple[list[EncodedExample], list[str]]:
         return encode_examples(self.tokenizer, items, self.cfg.max_length, self.cfg.on_overflow)
+
+    def loss_sizes(self) -> list[int]:
+        """Supervised (next-token target) positions of each training example: the SFT loss is their mean over
+        the optimizer step's global batch."""
+        return [sum(label != IGNORE_INDEX for label in ex.labels[1:]) for ex in self.splits["train"]]
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         """Teacher-forced loss batches, plus left-padded prompts of the first ``generation_samples`` examples."""

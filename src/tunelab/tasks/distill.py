@@ -96,6 +96,9 @@ class SFTDistillModule(Distillation, SFTModule):
         hard, _ = causal_lm_loss(logits, batch["labels"])
         return self.mixed_loss(hard, soft, batch["input_ids"].shape[0])
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Nothing: distillation logs its per-micro-batch losses in ``mixed_loss`` (no step-level SFT loss)."""
+
 
 def check_same_vocabulary(teacher_tokenizer: Any, student_tokenizer: Any) -> None:
     """Token ids must mean the same text for both models; the first disagreement is named."""

@@ -1,7 +1,9 @@
 """Causal-LM supervised fine-tuning (task=sft).
 
 Optimizes: the mean next-token cross-entropy over response tokens only (prompt and padding labels are
--100), ``loss = sum_t CE(logits[t], labels[t + 1]) / #supervised tokens`` per micro-batch.
+-100), ``loss = sum_t CE(logits[t], labels[t + 1]) / #supervised tokens``, the mean taken over the optimizer
+step's whole batch (every accumulated micro-batch on every rank, counted by the sampler): batch 8, batch 1 x
+accumulation 8 and 2 ranks x batch 4 optimize the same loss. ``train/loss`` is logged once per optimizer step.
 Validation (dataloader 0): the same loss averaged over all supervised tokens of the split, its perplexity
 ``exp(loss)`` and next-token accuracy. Validation (dataloader 1, optional): greedy answers to the first
 ``task.generation.num_samples`` prompts, scored with SacreBLEU and ROUGE-1/2/L/Lsum against references;
@@ -41,6 +43,7 @@ class SFTModule(TaskModule):
         self.tokenizer = tokenizer
         self.stage_metrics = torch.nn.ModuleDict({stage: self._stage_metrics(stage) for stage in ("val", "test")})
         self.test_samples: list[dict[str, str]] = []
+        self._step_loss: torch.Tensor | float = 0.0  # this rank's part of the current optimizer step's loss
 
     def _stage_metrics(self, stage: str) -> torch.nn.ModuleDict:
         metrics = {"loss": MeanMetric(), "token_acc": MeanMetric(), "text": GenerationMetrics(prefix=f"{stage}/")}
@@ -55,9 +58,23 @@ class SFTModule(TaskModule):
         return logits[:, -input_ids.shape[1] :]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = causal_lm_loss(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+        """This micro-batch's part of the step's loss: its token mean weighted by its share of the step's tokens,
+        times accumulation x ranks, which Lightning (1 / accumulation) and DDP (rank mean) divide back out."""
+        loss, count = causal_lm_loss(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        splits = self.trainer.accumulate_grad_batches * self.trainer.world_size
+        # without the sampler's token total (a data module without loss_sizes): the mean of micro-batch means
+        share = count / batch["global_batch_size"] if "global_batch_size" in batch else 1.0 / splits
+        self._step_loss = self._step_loss + loss.detach() * share
+        return loss * share * splits
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Log ``train/loss`` (the token mean over the step's global batch) once the step's last micro-batch ran."""
+        trainer = self.trainer
+        if (batch_idx + 1) % trainer.accumulate_grad_batches and batch_idx + 1 != trainer.num_training_batches:
+            return
+        step_loss = trainer.strategy.reduce(self._step_loss, reduce_op="sum")
+        self.log("train/loss", step_loss, prog_bar=True, batch_size=1)
+        self._step_loss = 0.0
 
     def _eval_step(self, stage: str, batch: dict[str, Any], dataloader_idx: int) -> None:
         metrics = self.stage_metrics[stage]
