@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 from pathlib import Path
 
 DEFAULT_COLUMNS = [
@@ -47,11 +48,15 @@ def job_row(job_dir: Path, columns: list[str]) -> dict[str, object]:
     return row
 
 
+def natural_key(name: str) -> list[object]:
+    """Sort key that orders digit runs by value: ``n5`` before ``n10``, ``r2`` before ``r16``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def collect(sweep_dir: Path, columns: list[str]) -> list[dict[str, object]]:
-    """One ``{"run": folder name, column: value}`` per job folder, sorted by folder name."""
-    rows = [
-        {"run": job.parent.name, **job_row(job.parent, columns)} for job in sorted(sweep_dir.glob("*/metrics.json"))
-    ]
+    """One ``{"run": folder name, column: value}`` per job folder, in natural order of folder names."""
+    jobs = sorted(sweep_dir.glob("*/metrics.json"), key=lambda job: natural_key(job.parent.name))
+    rows = [{"run": job.parent.name, **job_row(job.parent, columns)} for job in jobs]
     if not rows:
         raise SystemExit(f"no */metrics.json under {sweep_dir}")
     return rows
