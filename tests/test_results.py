@@ -26,8 +26,8 @@ def test_rows_hold_metrics_and_job_settings(sweep):
     rows = results.collect(sweep, ["cfg:method.r", "val/loss", "val/rougeL"])
     assert rows == [
         {"run": "r2", "cfg:method.r": 2, "val/loss": 2.4, "val/rougeL": None},
+        {"run": "r8", "cfg:method.r": 8, "val/loss": 2.1, "val/rougeL": None},  # natural order: r8 before r32
         {"run": "r32", "cfg:method.r": 32, "val/loss": 2.0, "val/rougeL": None},
-        {"run": "r8", "cfg:method.r": 8, "val/loss": 2.1, "val/rougeL": None},
     ]
     assert results.markdown(rows).splitlines()[2] == "| r2 | 2 | 2.4 |  |"
 
@@ -41,8 +41,8 @@ def test_command_writes_csv_markdown_and_plot(sweep, tmp_path, monkeypatch, caps
         table = list(csv.DictReader(handle))
     assert [(row["run"], row["cfg:method.r"], row["val/loss"]) for row in table] == [
         ("r2", "2", "2.4"),
-        ("r32", "32", "2.0"),
         ("r8", "8", "2.1"),
+        ("r32", "32", "2.0"),
     ]
     assert out.with_suffix(".md").read_text() == capsys.readouterr().out
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
