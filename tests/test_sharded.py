@@ -20,8 +20,8 @@ def expected_lora_shapes(base: torch.nn.Module, adapter_dir) -> dict[str, tuple[
     return {name: tuple(t.shape) for name, t in state.items()}
 
 
-def reloaded_test_loss(export_dir) -> float:
-    """The test loss of an exported adapter (or merged model), scored in this process by evaluate.py's pipeline."""
+def reloaded_loss(export_dir, split: str) -> float:
+    """The ``split`` loss of an exported adapter (or merged model), scored in this process by evaluate.py."""
     from hydra import compose, initialize_config_dir
 
     from tunelab.evaluate import evaluate
@@ -31,16 +31,21 @@ def reloaded_test_loss(export_dir) -> float:
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose(
             config_name="evaluate",
-            overrides=[f"adapter_path={export_dir}", "trainer.accelerator=cpu", "generation.num_samples=0"],
+            overrides=[
+                f"adapter_path={export_dir}",
+                f"split={split}",
+                "trainer.accelerator=cpu",
+                "generation.num_samples=0",
+            ],
         )
-    return evaluate(cfg)["test/loss"]
+    return evaluate(cfg)[f"{split}/loss"]
 
 
 @pytest.mark.parametrize(
     ("trainer", "overrides"),
     [
         ("fsdp", ["trainer.strategy.activation_checkpointing=true"]),
-        ("deepspeed_zero2", []),
+        ("deepspeed_zero2", ["test=false"]),  # no test pass: the best checkpoint is loaded for export alone
         ("deepspeed_zero3", ["export.merged=true"]),
     ],
 )
@@ -62,6 +67,7 @@ def test_sharded_lora_trains_and_exports_a_complete_adapter(
     lora_b = [v for k, v in saved.items() if "lora_B" in k]
     assert all(torch.count_nonzero(v) > 0 for v in lora_b), "lora_B starts at zero: every one must have trained"
 
-    assert reloaded_test_loss(run_dir / "adapter") == pytest.approx(metrics["test/loss"], abs=1e-5)
+    split, expected = ("val", metrics["best/val/loss"]) if "test=false" in overrides else ("test", metrics["test/loss"])
+    assert reloaded_loss(run_dir / "adapter", split) == pytest.approx(expected, abs=1e-5)
     if "export.merged=true" in overrides:  # merged from the gathered adapter, not from this rank's slices
-        assert reloaded_test_loss(run_dir / "merged") == pytest.approx(metrics["test/loss"], abs=1e-5)
+        assert reloaded_loss(run_dir / "merged", split) == pytest.approx(expected, abs=1e-5)

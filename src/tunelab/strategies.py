@@ -221,6 +221,11 @@ def deepspeed_strategy(
     )
 
 
+def strategy_loads_checkpoints(trainer: Any) -> bool:
+    """Whether the model's weights load only through the strategy (FSDP, DeepSpeed), not ``load_state_dict``."""
+    return isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy))
+
+
 @contextmanager
 def gathered_for_export(trainer: Any, model: torch.nn.Module) -> Iterator[dict[str, torch.Tensor] | None]:
     """Inside this block rank 0 can save ``model`` whole; collective: every rank must enter it.

@@ -180,7 +180,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     from tunelab.evaluate import load_adapter
     from tunelab.export import export_adapter, export_merged
     from tunelab.run_info import write_json, write_run_info
-    from tunelab.strategies import gathered_for_export
+    from tunelab.strategies import gathered_for_export, strategy_loads_checkpoints
 
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -210,6 +210,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.test:
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)[0]
         metrics.update(results)
+    elif best_path and strategy_loads_checkpoints(trainer):  # sharded weights: the strategy reads its own format
+        trainer.validate(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
     elif best_path:
         module.load_state_dict(checkpoint_state(best_path), strict=module.strict_loading)
     if cfg.export.adapter:
