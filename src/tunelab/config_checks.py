@@ -83,6 +83,21 @@ def check_task_fits_data(cfg: DictConfig) -> None:
         check_ppo_config(cfg)
 
 
+def check_packing(cfg: DictConfig) -> None:
+    """Packed batches (``data.packing``) rely on position ids alone to keep examples apart."""
+    from tunelab.methods import SOFT_PROMPT_METHODS
+
+    if not cfg.data.get("packing"):
+        return
+    if cfg.task.name != "sft":
+        raise ConfigError(f"data.packing=true packs SFT examples; task={cfg.task.name} reads padded batches")
+    if cfg.method.name in SOFT_PROMPT_METHODS:
+        raise ConfigError(
+            f"data.packing=true cannot run method={cfg.method.name}: its virtual tokens (input prefix or past key "
+            "values) would be shared by every packed example; use data.packing=false"
+        )
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` with a one-line reason for a combination that cannot run here."""
     from tunelab.methods import METHODS
@@ -117,6 +132,7 @@ def check_config(cfg: DictConfig) -> None:
 
         raise ConfigError(MISSING_TEACHER)
     check_task_fits_data(cfg)
+    check_packing(cfg)
     if cfg.export.merged and not cfg.export.adapter and shards_parameters(cfg.trainer):
         raise ConfigError(
             "export.merged=true under a sharded strategy merges the complete adapter gathered for export: "

@@ -1,4 +1,4 @@
-"""Batch collation: right-padded training batches, left-padded prompts for generation, labeled texts."""
+"""Batch collation: right-padded or packed training batches, left-padded prompts for generation, labeled texts."""
 
 from __future__ import annotations
 
@@ -33,6 +33,28 @@ class TrainingCollator:
             "input_ids": _pad(ids, self.pad_token_id, False, self.pad_to_multiple_of),
             "attention_mask": _pad([[1] * len(r) for r in ids], 0, False, self.pad_to_multiple_of),
             "labels": _pad([ex.labels for ex in examples], IGNORE_INDEX, False, self.pad_to_multiple_of),
+        }
+
+
+class PackedCollator:
+    """A padding-free training batch: the micro-batch's examples concatenated into one row ``[1, total]``, with
+    ``position_ids`` restarting at 0 for each example and no attention mask. transformers builds a
+    block-diagonal causal mask from such position ids, so no token attends to another example and each example
+    sees the positions it would see alone. Each example's first label is -100: unpacked, the first token is never a
+    target, and packed, the previous example's last token must not learn to predict it."""
+
+    def __call__(self, examples: Sequence[EncodedExample]) -> dict[str, torch.Tensor]:
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for ex in examples:
+            ids += ex.input_ids
+            labels += [IGNORE_INDEX, *ex.labels[1:]]
+            positions += range(len(ex.input_ids))
+        return {
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
         }
 
 

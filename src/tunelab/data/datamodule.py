@@ -23,7 +23,13 @@ from lightning.pytorch import LightningDataModule
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from tunelab.data.collate import ClassificationCollator, EncodedLabeled, GenerationCollator, TrainingCollator
+from tunelab.data.collate import (
+    ClassificationCollator,
+    EncodedLabeled,
+    GenerationCollator,
+    PackedCollator,
+    TrainingCollator,
+)
 from tunelab.data.labeled import LabeledExample, load_labeled
 from tunelab.data.loading import LoadResult, load_examples
 from tunelab.data.preference import PreferenceCollator, PreferenceExample, encode_preference, load_preferences
@@ -90,6 +96,9 @@ def seeded_split(examples: list[Any], data_cfg: DictConfig) -> dict[str, list[An
         "val": shuffled[n_test : n_test + n_val],
         "train": train[: split_size(data_cfg.train_size, len(train), "train_size")],
     }
+
+
+LENGTH_GROUP_STEPS = 50  # data.group_by_length sorts runs of this many optimizer steps' samples (as HF's sampler)
 
 
 class WithBatchTotal(Dataset):
@@ -168,10 +177,20 @@ class SplitDataModule(LightningDataModule):
         sizes of the whole optimizer step over ranks and accumulation (see :class:`ResumableSampler`)."""
         return None
 
+    def train_collator(self) -> Any:
+        """The collator of training batches (SFT may pack them); evaluation batches use :meth:`collator`."""
+        return self.collator()
+
+    def item_lengths(self) -> list[int] | None:
+        """Each training item's length, for ``data.group_by_length`` (``None``: this data cannot be grouped)."""
+        return None
+
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_and_world()
         sizes = self.loss_sizes()
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        global_batch = self.cfg.batch_size * accumulate * world
+        lengths = self.item_lengths() if self.cfg.get("group_by_length") else None
         self._sampler = ResumableSampler(
             len(self.splits["train"]),
             shuffle=self.cfg.shuffle,
@@ -179,7 +198,9 @@ class SplitDataModule(LightningDataModule):
             rank=rank,
             world_size=world,
             sizes=sizes,
-            global_batch=self.cfg.batch_size * accumulate * world,
+            global_batch=global_batch,
+            lengths=lengths,
+            group_size=global_batch * LENGTH_GROUP_STEPS,
         )
         if self._resume is not None:
             self._sampler.resume_from(self._resume["epoch"], self._resume["consumed"])
@@ -188,7 +209,7 @@ class SplitDataModule(LightningDataModule):
             self.splits["train"] if sizes is None else WithBatchTotal(self.splits["train"]),
             batch_size=self.cfg.batch_size,
             sampler=self._sampler,
-            collate_fn=self.collator() if sizes is None else BatchTotalCollator(self.collator()),
+            collate_fn=self.train_collator() if sizes is None else BatchTotalCollator(self.train_collator()),
             num_workers=self.cfg.num_workers,
             generator=self._loader_generator(),
         )
@@ -275,6 +296,12 @@ class SFTDataModule(RecordDataModule):
 
     def collator(self) -> TrainingCollator:
         return TrainingCollator(self.tokenizer.pad_token_id, self.cfg.pad_to_multiple_of)
+
+    def train_collator(self) -> TrainingCollator | PackedCollator:
+        return PackedCollator() if self.cfg.get("packing") else self.collator()
+
+    def item_lengths(self) -> list[int]:
+        return [len(ex.input_ids) for ex in self.splits["train"]]
 
     def read(self, path: str | Path) -> LoadResult:
         return load_examples(path, self.cfg.format, on_error=self.cfg.on_error, limit=self.cfg.get("limit"))

@@ -14,6 +14,10 @@ With ``sizes`` (e.g. each example's supervised-token count) it yields ``(index, 
 the padded order that one optimizer step consumes over all ranks and accumulated micro-batches (rank ``r``'s
 micro-batch ``m`` holds positions ``(m * batch + i) * world_size + r``). A loss divided by that total is the
 same whether the batch is split by accumulation, by ranks, or not at all.
+
+With ``lengths`` (length-grouped sampling) each run of ``group_size`` consecutive samples of the permutation
+(a multiple of the global batch) is sorted longest first, so every micro-batch holds similar lengths and pads
+little; which samples share a run still changes with the epoch's permutation.
 """
 
 from __future__ import annotations
@@ -37,10 +41,13 @@ class ResumableSampler(Sampler[int]):
         pad: bool = True,
         sizes: list[int] | None = None,
         global_batch: int = 1,
+        lengths: list[int] | None = None,
+        group_size: int = 1,
     ) -> None:
         self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
         self.rank, self.world_size, self.pad = rank, world_size, pad
         self.sizes, self.global_batch = sizes, global_batch
+        self.lengths, self.group_size = lengths, group_size
         self.epoch = 0
         self._skip = 0
 
@@ -57,6 +64,10 @@ class ResumableSampler(Sampler[int]):
             order = torch.randperm(self.num_samples, generator=generator).tolist()
         else:
             order = list(range(self.num_samples))
+        if self.lengths is not None:
+            lengths, size = self.lengths, self.group_size
+            runs = (order[start : start + size] for start in range(0, len(order), size))
+            order = [index for run in runs for index in sorted(run, key=lambda i: -lengths[i])]
         if self.pad and self.num_samples:
             total = math.ceil(self.num_samples / self.world_size) * self.world_size
             order += order[: total - len(order)]

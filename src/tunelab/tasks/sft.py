@@ -52,15 +52,21 @@ class SFTModule(TaskModule):
             metrics["labels"] = GeneratedLabelMetrics(labels, field, prefix=f"{stage}/")
         return torch.nn.ModuleDict(metrics)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits aligned with ``input_ids`` (soft-prompt methods prepend virtual positions: dropped here)."""
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits aligned with ``input_ids`` (soft-prompt methods prepend virtual positions: dropped here). A packed
+        batch has ``position_ids`` restarting per example and no attention mask (see ``PackedCollator``); without a
+        KV cache, from which transformers would otherwise build a plain causal mask across the examples."""
+        packed = {"position_ids": position_ids, "use_cache": False} if position_ids is not None else {}
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **packed).logits
         return logits[:, -input_ids.shape[1] :]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """This micro-batch's part of the step's loss: its token mean weighted by its share of the step's tokens,
         times accumulation x ranks, which Lightning (1 / accumulation) and DDP (rank mean) divide back out."""
-        loss, count = causal_lm_loss(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        logits = self(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+        loss, count = causal_lm_loss(logits, batch["labels"])
         splits = self.trainer.accumulate_grad_batches * self.trainer.world_size
         # without the sampler's token total (a data module without loss_sizes): the mean of micro-batch means
         share = count / batch["global_batch_size"] if "global_batch_size" in batch else 1.0 / splits
