@@ -147,3 +147,20 @@ def test_every_experiment_composes_and_passes_the_checks(name, compose_cfg, tmp_
             check_config(cfg)
     else:
         check_config(cfg)
+
+
+def test_auto_precision_is_bf16_mixed_only_on_a_bf16_gpu(compose_cfg, tmp_path, monkeypatch):
+    import torch
+
+    from tunelab import config_checks
+
+    cfg = compose_cfg([f"paths.output_dir={tmp_path}"])
+    assert cfg.trainer.precision == "auto"
+    monkeypatch.setattr(config_checks, "gpu_available", lambda: False)
+    assert config_checks.resolve_precision(cfg) == "32-true" == cfg.trainer.precision
+    cfg = compose_cfg([f"paths.output_dir={tmp_path}"])
+    monkeypatch.setattr(config_checks, "gpu_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert config_checks.resolve_precision(cfg) == "bf16-mixed"
+    cfg = compose_cfg(["trainer.accelerator=cpu", f"paths.output_dir={tmp_path}"])
+    assert config_checks.resolve_precision(cfg) == "32-true"

@@ -7,7 +7,7 @@ from omegaconf import DictConfig, OmegaConf
 from tunelab.errors import ConfigError
 
 ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "deberta", "deberta-v2", "electra", "mpnet")
-PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
 
 
 def gpu_available() -> bool:
@@ -96,6 +96,17 @@ def check_packing(cfg: DictConfig) -> None:
             f"data.packing=true cannot run method={cfg.method.name}: its virtual tokens (input prefix or past key "
             "values) would be shared by every packed example; use data.packing=false"
         )
+
+
+def resolve_precision(cfg: DictConfig) -> str:
+    """``trainer.precision=auto`` made concrete, in place (so the saved config records what ran): bf16-mixed when
+    the run uses a GPU with bf16 (Ampere or newer), else 32-true."""
+    if cfg.trainer.precision == "auto":
+        import torch
+
+        on_gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and gpu_available()
+        cfg.trainer.precision = "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+    return cfg.trainer.precision
 
 
 def check_config(cfg: DictConfig) -> None:

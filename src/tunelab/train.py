@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from tunelab.config_checks import check_config, shards_parameters
+from tunelab.config_checks import check_config, resolve_precision, shards_parameters
 
 log = logging.getLogger("tunelab")
 
@@ -175,6 +175,7 @@ def run(cfg: DictConfig) -> float | None:
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the pipeline; return (metrics, objects) as the lightning-hydra-template does."""
     check_config(cfg)
+    resolve_precision(cfg)
     import lightning.pytorch as pl
 
     from tunelab.evaluate import load_adapter
