@@ -33,6 +33,7 @@ def build_trainer(cfg: DictConfig, model: Any, callbacks: list[Any], loggers: li
     """The Lightning Trainer from ``cfg.trainer``; strategy factories get the loaded model and the accelerator."""
     from hydra.utils import instantiate
 
+    resolve_precision(cfg)
     strategy = cfg.trainer.strategy
     if isinstance(strategy, DictConfig):
         strategy = instantiate(strategy)(model=model, accelerator=cfg.trainer.accelerator)
@@ -175,7 +176,6 @@ def run(cfg: DictConfig) -> float | None:
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the pipeline; return (metrics, objects) as the lightning-hydra-template does."""
     check_config(cfg)
-    resolve_precision(cfg)
     import lightning.pytorch as pl
 
     from tunelab.evaluate import load_adapter

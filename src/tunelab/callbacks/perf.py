@@ -6,6 +6,8 @@ the timer synchronises the device at both ends, which costs a host sync per step
 ``callbacks.perf=null`` (remove the callback) for production speed. Peak memory, from the start of ``fit``
 (the peak is reset there, so jobs of one multirun process are measured separately), is
 ``torch.cuda.max_memory_allocated`` on CUDA and the peak resident set size (``VmHWM``) on Linux CPUs.
+Start-up is ``perf/first_step_s``: seconds from the process's start (imports, config, model and data loading)
+to the end of the first training batch.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class StepTimer(Callback):
         self.step_seconds: list[float] = []
         self._seen = 0
         self._started = 0.0
+        self.first_step_s: float | None = None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         reset_peak_memory(pl_module.device)
@@ -62,15 +65,21 @@ class StepTimer(Callback):
     ) -> None:
         self._sync(pl_module)
         self._seen += 1
+        if self._seen == 1:
+            import psutil
+
+            self.first_step_s = time.time() - psutil.Process().create_time()
         if self._seen > self.warmup_steps:
             self.step_seconds.append(time.perf_counter() - self._started)
 
     def summary(self, device: torch.device) -> dict[str, float]:
-        """``perf/step_time_s`` (median over timed steps, if any) and ``perf/peak_mem_mib``."""
+        """``perf/step_time_s`` (median over timed steps, if any), ``perf/peak_mem_mib``, ``perf/first_step_s``."""
         result = {}
         peak = peak_memory_mib(device)
         if peak is not None:
             result["perf/peak_mem_mib"] = round(peak, 1)
         if self.step_seconds:
             result["perf/step_time_s"] = round(statistics.median(self.step_seconds), 4)
+        if self.first_step_s is not None:
+            result["perf/first_step_s"] = round(self.first_step_s, 3)
         return result
