@@ -20,18 +20,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 
 from tunelab.errors import ConfigError
-
-
-def block_classes(model: torch.nn.Module) -> set[type[torch.nn.Module]]:
-    """The transformer block classes of ``model``, named by transformers' ``_no_split_modules``."""
-    names = set()
-    for module in model.modules():
-        names.update(getattr(module, "_no_split_modules", None) or [])
-    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
-    if not classes:
-        raise ConfigError(f"trainer=fsdp: cannot find the transformer block class of {type(model).__name__}")
-    return classes
-
+from tunelab.models.loading import block_classes
 
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 

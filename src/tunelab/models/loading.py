@@ -171,6 +171,29 @@ def keep_layers(model: torch.nn.Module, indices: Sequence[int]) -> None:
     model.config.num_hidden_layers = len(kept)
 
 
+def block_classes(model: torch.nn.Module) -> set[type[torch.nn.Module]]:
+    """The transformer block classes of ``model``, named by transformers' ``_no_split_modules``."""
+    names = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
+    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
+    if not classes:
+        raise ConfigError(
+            f"cannot find the transformer block class of {type(model).__name__} (none of its modules is named in "
+            "_no_split_modules): trainer=fsdp and model.compile need it"
+        )
+    return classes
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """``torch.compile`` each transformer block in place (regional compilation: one graph reused by every block,
+    compiled at the first forward, so methods applied afterwards are traced too; state-dict names unchanged)."""
+    classes = tuple(block_classes(model))
+    for module in model.modules():
+        if isinstance(module, classes):
+            module.compile()
+
+
 def load_model(
     model_cfg: DictConfig,
     cache_dir: str | Path,
@@ -223,4 +246,6 @@ def load_model(
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if model_cfg.get("compile"):
+        compile_blocks(model)
     return LoadedModel(model=model, tokenizer=tokenizer, name_or_path=name_or_path)
