@@ -28,10 +28,11 @@ trains ``--warmup`` untimed steps (a separate, discarded fit: allocator, kernel 
 timed fit: exactly one epoch of ``--steps`` optimizer steps over those examples, so both sides time the same
 examples (each in its own order and batching; timing steps after a warm-up inside one fit would not, e.g.
 tunelab's length grouping puts the longest examples first). Same model weights, LoRA config, AdamW (lr, betas,
-eps, weight decay from ``configs/task/sft.yaml``; the same torch ``AdamW`` implementation, ``--hf-optim
-adamw_torch``), cosine schedule with tunelab's warm-up, gradient clipping at ``trainer.gradient_clip_val``, seed,
-number of optimizer steps, torch threads, precision (fp32 on CPU, bf16 mixed on a bf16 GPU), no evaluation, no
-checkpoints, no loggers, no DataLoader workers.
+eps, weight decay from ``configs/task/sft.yaml``; the same torch ``AdamW`` implementation: the fused kernel, HF's
+default ``--hf-optim adamw_torch_fused`` and tunelab's ``task.optimizer.fused=true``), cosine schedule with
+tunelab's warm-up, gradient clipping at ``trainer.gradient_clip_val``, seed, number of optimizer steps, torch
+threads, precision (fp32 on CPU, bf16 mixed on a bf16 GPU), no evaluation, no checkpoints, no loggers, no DataLoader
+workers.
 
 - tunelab runs its own pipeline: ``configs/train.yaml`` composed with the workload's overrides plus
   ``--tunelab-overrides`` (default ``data.packing=true data.group_by_length=true``; a key the config does not have
@@ -133,7 +134,7 @@ class Spec:
     threads: int
     device: str  # cpu | cuda
     tunelab_overrides: list[str] = field(default_factory=list)
-    hf_optim: str = "adamw_torch"
+    hf_optim: str = "adamw_torch_fused"
     hf_group_by_length: bool = False
 
 
@@ -789,7 +790,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_TUNELAB_OVERRIDES,
         help="train.py overrides for tunelab only; replace the default (give the flag alone for none)",
     )
-    parser.add_argument("--hf-optim", default="adamw_torch", help="TrainingArguments.optim (HF's default is fused)")
+    parser.add_argument("--hf-optim", default="adamw_torch_fused", help="TrainingArguments.optim (HF's default)")
     parser.add_argument("--hf-group-by-length", action="store_true", help="HF's length-grouped sampler")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 1 warm-up + 2 timed steps, 1 round")
     parser.add_argument("--json", type=Path, default=None, help="write every raw figure here")

@@ -3,6 +3,7 @@ examples; length-grouped sampling; packing in the SFT pipeline."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -14,6 +15,7 @@ from tunelab.data.loading import load_examples
 from tunelab.data.sampler import ResumableSampler
 from tunelab.data.tokenization import encode_examples
 from tunelab.errors import ConfigError
+from tunelab.models.segment_attention import runs_segment_attention, use_segment_attention
 from tunelab.tasks.sft import causal_lm_loss
 from tunelab.train import train
 
@@ -49,9 +51,11 @@ def examples(alpaca_file, tokenizer):
     return encoded
 
 
-def loss_and_grads(model, batch):
+def loss_and_grads(model, batch, segments: bool = False):
     model.zero_grad()
     packed = {"position_ids": batch["position_ids"], "use_cache": False} if "position_ids" in batch else {}
+    if segments:
+        packed["segment_lengths"] = batch["segment_lengths"]
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), **packed).logits
     loss, count = causal_lm_loss(logits, batch["labels"])
     loss.backward()
@@ -86,6 +90,26 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_lora, examples):
     assert not torch.allclose(after[0, :first], before[0, :first])
 
 
+def test_segment_attention_gives_the_padded_batch_loss_and_gradients(tiny_lora, examples, tokenizer):
+    """Segment attention (one causal attention call per packed example) computes what the padded batch computes,
+    and what the dense block-diagonal mask computes, without the cross-example blocks."""
+    model, _ = tiny_lora
+    segmented = copy.deepcopy(model)
+    assert use_segment_attention(segmented) and runs_segment_attention(segmented)
+    assert not runs_segment_attention(model)
+    packed = PackedCollator()(examples)
+    assert packed["segment_lengths"] == [len(ex.input_ids) for ex in examples]
+    padded_loss, _, padded_grads = loss_and_grads(model, TrainingCollator(tokenizer.pad_token_id)(examples))
+    masked_loss, _, _ = loss_and_grads(model, packed)
+    segment_loss, _, segment_grads = loss_and_grads(segmented, packed, segments=True)
+    assert segment_loss == pytest.approx(padded_loss, abs=1e-5)
+    assert segment_loss == pytest.approx(masked_loss, abs=1e-5)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(segment_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="do not tile"):
+        loss_and_grads(segmented, {**packed, "segment_lengths": packed["segment_lengths"][1:]}, segments=True)
+
+
 def test_length_grouped_sampler_sorts_each_run_and_keeps_every_sample():
     lengths = [5, 40, 12, 33, 7, 21, 9, 50, 3, 18, 27, 11]
     order = list(ResumableSampler(12, shuffle=True, seed=1, lengths=lengths, group_size=4))
@@ -99,7 +123,8 @@ def test_length_grouped_sampler_sorts_each_run_and_keeps_every_sample():
 
 def test_packed_length_grouped_sft_run_learns(alpaca_file, compose_cfg, tmp_path):
     overrides = [*tiny_overrides(alpaca_file, tmp_path), "data.packing=true", "data.group_by_length=true"]
-    train(compose_cfg([*overrides, "trainer.max_epochs=2", "task.generation.num_samples=0"]))
+    _, objects = train(compose_cfg([*overrides, "trainer.max_epochs=2", "task.generation.num_samples=0"]))
+    assert objects["module"].segment_attention  # model=tiny asks for sdpa: packed rows attend per example
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["val/loss"] < metrics["untrained/val/loss"]
 

@@ -142,12 +142,15 @@ def build_components(cfg: DictConfig) -> dict[str, Any]:
     """Model (adapted by the method), tokenizer, data module and task module for ``cfg``."""
     from tunelab.methods import apply_method, parameter_report, quantization_config, train_new_head
     from tunelab.models.loading import load_model
+    from tunelab.models.segment_attention import SEGMENT_SDPA, use_segment_attention
 
     head, labels = task_head(cfg)
     loaded = load_model(
         cfg.model, cfg.paths.cache_dir, quantization_config=quantization_config(cfg.method), head=head, labels=labels
     )
     model = apply_method(loaded.model, cfg.method, loaded.tokenizer)
+    if cfg.data.get("packing") and use_segment_attention(model):
+        log.info("data.packing: attention runs per packed example (%s)", SEGMENT_SDPA)
     if labels:
         train_new_head(model)
     report = parameter_report(model)

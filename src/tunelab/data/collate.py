@@ -40,10 +40,12 @@ class PackedCollator:
     """A padding-free training batch: the micro-batch's examples concatenated into one row ``[1, total]``, with
     ``position_ids`` restarting at 0 for each example and no attention mask. transformers builds a
     block-diagonal causal mask from such position ids, so no token attends to another example and each example
-    sees the positions it would see alone. Each example's first label is -100: unpacked, the first token is never a
-    target, and packed, the previous example's last token must not learn to predict it."""
+    sees the positions it would see alone; ``segment_lengths`` (a list of ints, kept on the host) lets segment
+    attention (``tunelab.models.segment_attention``) skip the masked blocks. Each example's first label is -100:
+    unpacked, the first token is never a target, and packed, the previous example's last token must not learn to
+    predict it."""
 
-    def __call__(self, examples: Sequence[EncodedExample]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: Sequence[EncodedExample]) -> dict[str, torch.Tensor | list[int]]:
         ids: list[int] = []
         labels: list[int] = []
         positions: list[int] = []
@@ -55,6 +57,7 @@ class PackedCollator:
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
             "position_ids": torch.tensor([positions], dtype=torch.long),
+            "segment_lengths": [len(ex.input_ids) for ex in examples],
         }
 
 

@@ -1,8 +1,8 @@
 """Optimizer and learning-rate schedule shared by every task.
 
-AdamW with decoupled weight decay on weight matrices only (biases and norm weights, i.e. parameters with
-fewer than 2 dimensions, get no decay), and a linear warmup followed by cosine / linear decay to zero
-(or a constant rate), stepped once per optimizer step.
+AdamW (torch's fused kernel unless ``optimizer.fused=false``) with decoupled weight decay on weight matrices
+only (biases and norm weights, i.e. parameters with fewer than 2 dimensions, get no decay), and a linear warmup
+followed by cosine / linear decay to zero (or a constant rate), stepped once per optimizer step.
 """
 
 from __future__ import annotations
@@ -46,7 +46,13 @@ def build_optimizer(
     groups = parameter_groups(model, optimizer_cfg.weight_decay)
     if not groups:
         raise ConfigError("no trainable parameters: the method froze everything")
-    optimizer = torch.optim.AdamW(groups, lr=optimizer_cfg.lr, betas=tuple(optimizer_cfg.betas), eps=optimizer_cfg.eps)
+    optimizer = torch.optim.AdamW(
+        groups,
+        lr=optimizer_cfg.lr,
+        betas=tuple(optimizer_cfg.betas),
+        eps=optimizer_cfg.eps,
+        fused=optimizer_cfg.fused or None,
+    )
     name = "constant_with_warmup" if scheduler_cfg.name == "constant" else scheduler_cfg.name
     scheduler = get_scheduler(
         name, optimizer, num_warmup_steps=warmup_steps(scheduler_cfg, total_steps), num_training_steps=total_steps

@@ -24,15 +24,19 @@ from torchmetrics import MeanMetric
 from tunelab.data.tokenization import IGNORE_INDEX
 from tunelab.generation import generate_answers
 from tunelab.metrics.text import GeneratedLabelMetrics, GenerationMetrics, token_accuracy
+from tunelab.models.segment_attention import runs_segment_attention
 from tunelab.tasks.base import TaskModule
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy of ``logits[:, t]`` against ``labels[:, t + 1]`` and the supervised-token count."""
-    targets = labels[:, 1:]
+    """Mean cross-entropy of ``logits[:, t]`` against ``labels[:, t + 1]`` and the supervised-token count.
+
+    The labels are shifted (left, padded with -100) rather than the logits, so the ``(batch, seq, vocab)`` logits
+    are flattened as a view instead of copied: the largest activation of a small model is not duplicated."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     count = (targets != IGNORE_INDEX).sum()
     summed = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     return summed / count.clamp(min=1), count
 
@@ -41,6 +45,7 @@ class SFTModule(TaskModule):
     def __init__(self, model: torch.nn.Module, tokenizer: Any, task_cfg: DictConfig, trains_all_weights: bool):
         super().__init__(model, task_cfg, trains_all_weights)
         self.tokenizer = tokenizer
+        self.segment_attention = runs_segment_attention(model)
         self.stage_metrics = torch.nn.ModuleDict({stage: self._stage_metrics(stage) for stage in ("val", "test")})
         self.test_samples: list[dict[str, str]] = []
         self._step_loss: torch.Tensor | float = 0.0  # this rank's part of the current optimizer step's loss
@@ -53,19 +58,29 @@ class SFTModule(TaskModule):
         return torch.nn.ModuleDict(metrics)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None = None,
+        segment_lengths: list[int] | None = None,
     ) -> torch.Tensor:
         """Logits aligned with ``input_ids`` (soft-prompt methods prepend virtual positions: dropped here). A packed
         batch has ``position_ids`` restarting per example and no attention mask (see ``PackedCollator``); without a
-        KV cache, from which transformers would otherwise build a plain causal mask across the examples."""
+        KV cache, from which transformers would otherwise build a plain causal mask across the examples. Its
+        ``segment_lengths`` go to the model when it runs segment attention (one attention call per example)."""
         packed = {"position_ids": position_ids, "use_cache": False} if position_ids is not None else {}
+        if segment_lengths is not None and self.segment_attention:
+            packed["segment_lengths"] = segment_lengths
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **packed).logits
-        return logits[:, -input_ids.shape[1] :]
+        virtual = logits.shape[1] - input_ids.shape[1]
+        return logits[:, virtual:] if virtual else logits
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """This micro-batch's part of the step's loss: its token mean weighted by its share of the step's tokens,
         times accumulation x ranks, which Lightning (1 / accumulation) and DDP (rank mean) divide back out."""
-        logits = self(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+        logits = self(
+            batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"), batch.get("segment_lengths")
+        )
         loss, count = causal_lm_loss(logits, batch["labels"])
         splits = self.trainer.accumulate_grad_batches * self.trainer.world_size
         # without the sampler's token total (a data module without loss_sizes): the mean of micro-batch means
