@@ -60,6 +60,7 @@ def test_run_folder_holds_what_a_paper_table_needs(lora_run):
     assert saved["test/loss"] == pytest.approx(metrics["test/loss"])
     assert saved["data"]["train"]["examples"] == 120 - 32
     assert 0 < saved["perf/step_time_s"] < 60 and saved["perf/peak_mem_mib"] > 100
+    assert 0 < saved["perf/first_batch_s"] < saved["perf/first_step_s"]  # start-up, then the first step's compute
 
 
 def test_lora_checkpoint_holds_only_trainable_tensors(lora_run):
