@@ -141,8 +141,8 @@ def test_packing_refuses_what_it_cannot_keep_apart(compose_cfg, tmp_path):
 
 def test_gradient_checkpointing_saves_fewer_activations_and_keeps_the_gradients(cache_dir, examples, compose_cfg):
     """``model.gradient_checkpointing=true`` keeps only each block's input for backward (recomputing the rest):
-    the forward saves a fraction of the tensors it saves otherwise (the logits, outside the blocks, stay), and the loss and gradients do not change, on a packed batch
-    through segment attention too."""
+    the forward saves a fraction of the tensors it saves otherwise (the logits, outside the blocks, stay), and the
+    loss and gradients do not change, on a packed batch through segment attention too."""
     from tunelab.methods import apply_method
     from tunelab.models.loading import load_model
 
