@@ -82,7 +82,6 @@ import argparse
 import copy
 import gc
 import hashlib
-import itertools
 import json
 import os
 import statistics
@@ -97,6 +96,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from tunelab.memory import peak_memory_mib, reset_peak_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -219,36 +220,14 @@ def tunelab_config(spec: Spec, output_dir: str) -> Any:
 # --------------------------------------------------------------------------- measuring a run (both sides)
 
 
-def batch_lengths(batch: dict[str, torch.Tensor]) -> list[int]:
-    """Real (non-pad) length of every example in a batch: attention-mask row sums, or for a packed row (position
-    ids restarting at 0, no mask) the distance between restarts."""
+def batch_lengths(batch: dict[str, Any]) -> list[int]:
+    """Real (non-pad) length of every example in a batch: attention-mask row sums, or a packed row's
+    ``segment_lengths`` (``PackedCollator``)."""
     if batch.get("attention_mask") is not None:
         return [int(n) for n in batch["attention_mask"].sum(dim=1).tolist()]
-    if batch.get("position_ids") is not None:
-        lengths = []
-        for row in batch["position_ids"]:
-            starts = [*(row == 0).nonzero().flatten().tolist(), row.numel()]
-            lengths += [end - start for start, end in itertools.pairwise(starts)]
-        return lengths
+    if batch.get("segment_lengths") is not None:
+        return list(batch["segment_lengths"])
     return [batch["input_ids"].shape[1]] * batch["input_ids"].shape[0]
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """As tunelab's StepTimer, without importing Lightning into the HF process: CUDA's peak, or Linux's VmHWM."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    elif Path("/proc/self/clear_refs").exists():
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_memory_mib(device: torch.device) -> float | None:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    status = Path("/proc/self/status")
-    if not status.exists():
-        return None
-    line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
-    return int(line.split()[1]) / 2**10
 
 
 @dataclass
