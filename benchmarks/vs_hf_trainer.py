@@ -470,13 +470,6 @@ def hf_callback(meter: StepMeter) -> Any:
     return Meter()
 
 
-def schedule_warmup(recipe: dict[str, Any], total_steps: int) -> int:
-    """Warm-up steps of the LR schedule as tunelab counts them (``tunelab.tasks.optim.warmup_steps``)."""
-    if recipe["warmup_steps"] is not None:
-        return int(recipe["warmup_steps"])
-    return int(recipe["warmup_ratio"] * total_steps)
-
-
 def hf_trainer(
     model: torch.nn.Module,
     features: list[dict[str, Any]],
@@ -487,6 +480,8 @@ def hf_trainer(
 ) -> Any:
     """A ``transformers.Trainer`` for ``steps`` optimizer steps; ``kwargs`` go to the Trainer (collator, callbacks)."""
     from transformers import Trainer, TrainingArguments
+
+    from tunelab.tasks.optim import warmup_steps
 
     args = TrainingArguments(
         output_dir=recipe["output_dir"],  # nothing is saved
@@ -500,7 +495,7 @@ def hf_trainer(
         adam_epsilon=recipe["eps"],
         optim=spec.hf_optim,
         lr_scheduler_type=recipe["scheduler"],
-        warmup_steps=schedule_warmup(recipe, steps),
+        warmup_steps=warmup_steps(recipe, steps),  # counted as tunelab counts them
         max_grad_norm=recipe["max_grad_norm"],
         seed=spec.seed,
         bf16=hf_bf16(spec),

@@ -7,6 +7,7 @@ followed by cosine / linear decay to zero (or a constant rate), stepped once per
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -28,10 +29,11 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
     return [group for group in groups if group["params"]]
 
 
-def warmup_steps(scheduler_cfg: DictConfig, total_steps: int) -> int:
-    """``warmup_steps`` when set, else ``warmup_ratio * total_steps``."""
-    if scheduler_cfg.get("warmup_steps") is not None:
-        return int(scheduler_cfg.warmup_steps)
+def warmup_steps(scheduler_cfg: Mapping[str, Any], total_steps: int) -> int:
+    """``warmup_steps`` when set, else ``warmup_ratio * total_steps`` (a scheduler config or a plain dict)."""
+    steps = scheduler_cfg.get("warmup_steps")
+    if steps is not None:
+        return int(steps)
     return int(scheduler_cfg.get("warmup_ratio", 0.0) * total_steps)
 
 
