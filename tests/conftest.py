@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -17,6 +18,23 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 os.environ.setdefault("TUNELAB_CACHE", str(ROOT / ".cache"))
 os.environ.setdefault("WANDB_MODE", "disabled")
+# The suite downloads and installs nothing: what a test needs comes from scripts/setup.sh. Subprocesses inherit
+# these (Hub libraries offline, pip without an index); this process also refuses sockets beyond loopback.
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PIP_NO_INDEX": "1"}
+os.environ.update(OFFLINE)
+LOOPBACK = ("127.", "::1", "localhost", "0.0.0.0")
+_connect = socket.socket.connect
+
+
+def loopback_only_connect(sock: socket.socket, address) -> None:
+    """``socket.connect`` for loopback and Unix-socket addresses; anything else is a test reaching the network."""
+    host = address[0] if isinstance(address, tuple) else None
+    if host is not None and not str(host).startswith(LOOPBACK):
+        raise RuntimeError(f"a test tried to reach {address}: the suite runs offline (put downloads in setup.sh)")
+    _connect(sock, address)
+
+
+socket.socket.connect = loopback_only_connect
 
 
 @pytest.fixture(scope="session")

