@@ -98,15 +98,49 @@ def check_packing(cfg: DictConfig) -> None:
         )
 
 
+def uses_gpu(trainer_cfg: DictConfig) -> bool:
+    """Whether the Trainer will run on CUDA: asked for (gpu / cuda), or ``auto`` with a GPU visible."""
+    return trainer_cfg.accelerator in ("auto", "gpu", "cuda") and gpu_available()
+
+
+def strategy_name(strategy: object) -> str:
+    """A strategy's name in lower case: Lightning's name, a factory config's ``_target_``, or the object's class."""
+    if isinstance(strategy, DictConfig):
+        strategy = strategy.get("_target_", "")
+    return (strategy if isinstance(strategy, str) else type(strategy).__name__).lower()
+
+
+def has_own_precision(strategy: object) -> bool:
+    """Whether the strategy brings its own precision plugin (FSDP, DeepSpeed)."""
+    return any(kind in strategy_name(strategy) for kind in ("fsdp", "deepspeed"))
+
+
 def resolve_precision(cfg: DictConfig) -> str:
     """``trainer.precision=auto`` made concrete, in place (so the saved config records what ran): bf16-mixed when
     the run uses a GPU with bf16 (Ampere or newer), else 32-true."""
     if cfg.trainer.precision == "auto":
         import torch
 
-        on_gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and gpu_available()
-        cfg.trainer.precision = "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+        cfg.trainer.precision = "bf16-mixed" if uses_gpu(cfg.trainer) and torch.cuda.is_bf16_supported() else "32-true"
     return cfg.trainer.precision
+
+
+def check_precision_fits_optimizer(cfg: DictConfig) -> None:
+    """16-mixed scales the loss; Lightning's AMP and FSDP plugins (2.6) skip unscaling for a fused optimizer, which
+    unscales inside its step, so gradient clipping would see scaled gradients (DeepSpeed scales and clips itself)."""
+    clips = cfg.trainer.get("gradient_clip_val") or 0
+    fused = cfg.task.get("optimizer", {}).get("fused")
+    if (
+        str(cfg.trainer.precision) == "16-mixed"
+        and fused
+        and clips > 0
+        and "deepspeed" not in strategy_name(cfg.trainer.strategy)
+    ):
+        raise ConfigError(
+            "trainer.precision=16-mixed cannot clip gradients (trainer.gradient_clip_val) with the fused AdamW "
+            "kernel, which unscales inside its step; set task.optimizer.fused=false, trainer.gradient_clip_val=null "
+            "or trainer.precision=bf16-mixed"
+        )
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -137,6 +171,7 @@ def check_config(cfg: DictConfig) -> None:
         )
     if cfg.ckpt_path is not None and not cfg.train:
         raise ConfigError("ckpt_path resumes training, but train=false; use evaluate.py ckpt_path=... instead")
+    check_precision_fits_optimizer(cfg)
     check_method_fits_model(cfg)
     if cfg.task.name == "distill" and OmegaConf.is_missing(cfg.task.teacher, "adapter_path"):
         from tunelab.tasks.distill import MISSING_TEACHER

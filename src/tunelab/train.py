@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from tunelab.config_checks import check_config, resolve_precision, shards_parameters
+from tunelab.config_checks import check_config, has_own_precision, resolve_precision, shards_parameters, uses_gpu
 
 log = logging.getLogger("tunelab")
 
@@ -33,11 +33,16 @@ def build_trainer(cfg: DictConfig, model: Any, callbacks: list[Any], loggers: li
     """The Lightning Trainer from ``cfg.trainer``; strategy factories get the loaded model and the accelerator."""
     from hydra.utils import instantiate
 
-    resolve_precision(cfg)
+    precision = resolve_precision(cfg)
     strategy = cfg.trainer.strategy
     if isinstance(strategy, DictConfig):
         strategy = instantiate(strategy)(model=model, accelerator=cfg.trainer.accelerator)
-    return instantiate(cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers or False)
+    overrides: dict[str, Any] = {}
+    if precision == "bf16-mixed" and not has_own_precision(strategy):
+        from tunelab.compat.lightning import BF16MixedPrecision
+
+        overrides = {"precision": None, "plugins": [BF16MixedPrecision("cuda" if uses_gpu(cfg.trainer) else "cpu")]}
+    return instantiate(cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers or False, **overrides)
 
 
 OBJECTIVE_HEADS = {
