@@ -59,6 +59,9 @@ def load_exported(base_model: torch.nn.Module, directory: Path, tokenizer: Any =
         return load_inhouse(base_model, directory, tokenizer)
     from peft import PeftModel
 
+    from tunelab.compat.peft import expose_past_key_values
+
+    expose_past_key_values(base_model)
     return PeftModel.from_pretrained(base_model, directory)
 
 

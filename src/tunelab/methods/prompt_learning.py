@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from tunelab.compat.peft import expose_past_key_values
 from tunelab.errors import ConfigError
 from tunelab.methods.peft_task import peft_task_type
 
@@ -42,6 +43,7 @@ def _wrap(model: torch.nn.Module, config: Any) -> torch.nn.Module:
             f"method={config.peft_type.value.lower()} cannot run with model.gradient_checkpointing=true: "
             "virtual tokens are fed through past key values / input embeddings that checkpointing drops"
         )
+    expose_past_key_values(model)
     return get_peft_model(model, config)
 
 
