@@ -1,4 +1,4 @@
-"""Method matrix on a tiny random Llama: what trains, save/load round trip, disabling, merging.
+"""Method matrix on a tiny random Llama: what trains, how many parameters, save/load round trip, disabling, merging.
 
 The encoder side of the matrix is tests/test_methods_encoder.py; QLoRA is tests/test_qlora.py."""
 
@@ -14,7 +14,16 @@ from tunelab.methods.inhouse import adapters_disabled
 from tunelab.models.loading import load_model
 
 from .conftest import CONFIGS
-from .method_helpers import aligned_logits, assert_steps_change_exactly, batch_for, perturb_trainable, sft_loss
+from .method_helpers import (
+    aligned_logits,
+    assert_steps_change_exactly,
+    assert_trainable_count,
+    batch_for,
+    closed_form_trainable,
+    llama_architecture,
+    perturb_trainable,
+    sft_loss,
+)
 
 ADAPTER_METHODS = ["lora", "ia3", "prompt", "ptuning", "prefix", "ptuning_v2", "adapter", "mam", "unipelt"]
 MERGEABLE = ["lora", "ia3"]
@@ -52,6 +61,13 @@ def test_training_changes_every_trainable_tensor_and_no_frozen_one(name, tiny_cf
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and len(trainable) < len(list(model.parameters()))
     assert_steps_change_exactly(model, sft_loss(batch), trainable)
+
+
+@pytest.mark.parametrize("name", [*ADAPTER_METHODS, "bitfit"])
+def test_trainable_parameter_count_is_the_closed_form(name, tiny_cfg):
+    """What tunelab reports at start-up (and peft counts) is the method's closed form on the tiny Llama's config."""
+    model, _ = adapted(name, tiny_cfg)
+    assert_trainable_count(model, closed_form_trainable(llama_architecture(tiny_cfg[0].config), method_cfg(name)))
 
 
 @pytest.mark.parametrize("name", ADAPTER_METHODS)

@@ -1,7 +1,7 @@
 """Encoder side of the method matrix: a tiny random BERT with a 3-class head (peft task type SEQ_CLS).
 
-Same checks as tests/test_methods.py where the method applies: what trains, save -> load round trip,
-disabling restores the base, merging (lora, ia3). MAM needs one FFN module per block, which BERT lacks
+Same checks as tests/test_methods.py where the method applies: what trains, how many parameters, save -> load
+round trip, disabling restores the base, merging (lora, ia3). MAM needs one FFN module per block, which BERT lacks
 (its FFN is two modules): it is refused with a one-sentence error.
 """
 
@@ -17,7 +17,13 @@ from tunelab.methods import apply_method
 from tunelab.methods.inhouse import adapters_disabled
 
 from .conftest import CONFIGS
-from .method_helpers import assert_steps_change_exactly, perturb_trainable
+from .method_helpers import (
+    Architecture,
+    assert_steps_change_exactly,
+    assert_trainable_count,
+    closed_form_trainable,
+    perturb_trainable,
+)
 
 ENCODER_METHODS = ["lora", "ia3", "prompt", "ptuning", "prefix", "ptuning_v2", "adapter", "unipelt"]
 ENCODER_TARGETS = {
@@ -26,11 +32,10 @@ ENCODER_TARGETS = {
 }
 
 
-def tiny_bert():
-    from transformers import BertConfig, BertForSequenceClassification
+def tiny_bert_config():
+    from transformers import BertConfig
 
-    torch.manual_seed(0)
-    config = BertConfig(
+    return BertConfig(
         vocab_size=1000,
         hidden_size=64,
         num_hidden_layers=2,
@@ -39,7 +44,32 @@ def tiny_bert():
         max_position_embeddings=128,
         num_labels=3,
     )
-    return BertForSequenceClassification(config)
+
+
+def tiny_bert():
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(tiny_bert_config())
+
+
+def bert_architecture(config) -> Architecture:
+    """A BERT classifier: biases on every Linear, two LayerNorms per block, an embedding LayerNorm, the pooler and
+    the classification head (d x num_labels + num_labels)."""
+    d, ff = config.hidden_size, config.intermediate_size
+    linears = {
+        "attention.self.query": (d, d),
+        "attention.self.key": (d, d),
+        "attention.self.value": (d, d),
+        "attention.output.dense": (d, d),
+        "intermediate.dense": (d, ff),
+        "output.dense": (ff, d),
+    }
+    layers, labels = config.num_hidden_layers, config.num_labels
+    block_biases = sum(d_out for _, d_out in linears.values()) + 2 * d
+    biases = layers * block_biases + d + d + labels  # + embedding LayerNorm, pooler, classifier
+    head = d * labels + labels
+    return Architecture(layers, d, d, linears, ("attention.self.query", "attention.self.value"), biases, head)
 
 
 def encoder_method_cfg(name: str):
@@ -79,6 +109,16 @@ def test_training_changes_every_trainable_tensor_and_no_frozen_one(name):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and len(trainable) < len(list(model.parameters()))
     assert_steps_change_exactly(model, classification_loss(batch()), trainable)
+
+
+@pytest.mark.parametrize("name", [*ENCODER_METHODS, "bitfit"])
+def test_trainable_parameter_count_is_the_closed_form(name):
+    """What tunelab reports at start-up (and peft counts) is the method's closed form on the tiny BERT's config;
+    peft-wrapped methods add their trained copy of the classification head."""
+    model = adapted_bert(name)
+    assert_trainable_count(
+        model, closed_form_trainable(bert_architecture(tiny_bert_config()), encoder_method_cfg(name))
+    )
 
 
 @pytest.mark.parametrize("name", ENCODER_METHODS)

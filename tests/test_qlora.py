@@ -18,7 +18,16 @@ from tunelab.methods.qlora import four_bit_layers
 from tunelab.models.loading import load_model
 
 from .conftest import CONFIGS
-from .method_helpers import aligned_logits, assert_steps_change_exactly, batch_for, perturb_trainable, sft_loss
+from .method_helpers import (
+    aligned_logits,
+    assert_steps_change_exactly,
+    assert_trainable_count,
+    batch_for,
+    closed_form_trainable,
+    llama_architecture,
+    perturb_trainable,
+    sft_loss,
+)
 
 
 def qlora_cfg():
@@ -27,10 +36,12 @@ def qlora_cfg():
     return cfg
 
 
+def tiny_model_cfg():
+    return OmegaConf.load(CONFIGS / "model" / "tiny.yaml")
+
+
 def quantized_base(cache_dir):
-    return load_model(
-        OmegaConf.load(CONFIGS / "model" / "tiny.yaml"), cache_dir, quantization_config=quantization_config(qlora_cfg())
-    )
+    return load_model(tiny_model_cfg(), cache_dir, quantization_config=quantization_config(qlora_cfg()))
 
 
 def qlora_model(cache_dir):
@@ -47,6 +58,7 @@ def eval_pass(model, batch) -> None:
 
 
 def test_base_is_4bit_nf4_and_only_lora_trains(cache_dir):
+    """Only LoRA trains, r (d_in + d_out) parameters on each projection, and every LoRA tensor learns."""
     model, tokenizer = qlora_model(cache_dir)
     layers = four_bit_layers(model)
     assert len(layers) == 2 * 7  # every projection of both blocks
@@ -54,6 +66,7 @@ def test_base_is_4bit_nf4_and_only_lora_trains(cache_dir):
     assert all(not layer.support_avx512bf16_for_cpu for layer in layers)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n for n in trainable)
+    assert_trainable_count(model, closed_form_trainable(llama_architecture(tiny_model_cfg().config), qlora_cfg()))
     assert_steps_change_exactly(model, sft_loss(batch_for(tokenizer)), trainable)
 
 
@@ -143,6 +156,6 @@ def test_qlora_runs_the_sft_pipeline_with_validation_first(alpaca_file, compose_
 def test_qlora_refuses_a_model_without_4bit_linear_layers(cache_dir):
     from tunelab.errors import ConfigError
 
-    loaded = load_model(OmegaConf.load(CONFIGS / "model" / "tiny.yaml"), cache_dir)
+    loaded = load_model(tiny_model_cfg(), cache_dir)
     with pytest.raises(ConfigError, match="has no 4-bit Linear layers"):
         apply_method(loaded.model, qlora_cfg(), loaded.tokenizer)
