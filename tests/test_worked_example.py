@@ -4,8 +4,10 @@ and an SFT run scoring label accuracy next to ROUGE."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+from sklearn.metrics import accuracy_score, f1_score
 
 from tunelab.assets.finsent_explained import analysis, parse_lexicon
 from tunelab.metrics.text import GeneratedLabelMetrics
@@ -26,8 +28,6 @@ def test_analysis_names_strong_cues_strongest_first():
 
 
 def test_generated_label_metrics_equal_sklearn():
-    from sklearn.metrics import accuracy_score, f1_score
-
     references = [
         f"Sentiment: {label}\nAnalysis: x." for label in ["negative", "neutral", "positive", "positive", "neutral"]
     ]
@@ -51,7 +51,27 @@ def test_generated_label_metrics_equal_sklearn():
         metrics.update(["Sentiment: neutral"], ["no label here"])
 
 
-def test_sft_run_scores_the_stated_label(tmp_path, compose_cfg):
+def stated_label(text: str) -> str | None:
+    """The label on the first ``Sentiment:`` line, read independently of GeneratedLabelMetrics (a regex)."""
+    found = re.search(r"^\s*sentiment\s*:\s*([a-z]+)\s*\.?\s*$", text, re.IGNORECASE | re.MULTILINE)
+    label = found.group(1).lower() if found else None
+    return label if label in LABELS else None
+
+
+def cue_oracle(model, tokenizer, prompt_input_ids, prompt_attention_mask, max_new_tokens) -> list[str]:
+    """Stands in for generation: states the label the prompt's cue words carry, except for neutral texts, where it
+    states none (so accuracy, macro-F1 and the unparsed count all have something to get right)."""
+    answers = []
+    for prompt in tokenizer.batch_decode(prompt_input_ids, skip_special_tokens=True):
+        cue = next(label for label, words in SENTIMENT_WORDS.items() if any(f" {w} " in prompt for w in words))
+        answers.append("I cannot tell." if cue == "neutral" else f"Analysis: cues.\nSentiment: {cue}.")
+    return answers
+
+
+def test_sft_run_scores_the_stated_label(tmp_path, compose_cfg, monkeypatch):
+    """Through the whole pipeline (generation -> parser -> metrics -> metrics.json), the test label metrics equal
+    sklearn's on the run's own answers, parsed by a regex, and the hand-derived values for the oracle's answers."""
+    monkeypatch.setattr("tunelab.tasks.sft.generate_answers", cue_oracle)
     path = tmp_path / "explained.jsonl"
     rows = [
         {
@@ -65,11 +85,19 @@ def test_sft_run_scores_the_stated_label(tmp_path, compose_cfg):
     overrides = [
         *tiny_overrides(path, tmp_path / "run"),
         "method=lora",
-        "trainer.max_epochs=2",
+        "trainer.max_steps=2",
+        "task.generation.num_samples=16",
         "task.generation.labels=[negative,neutral,positive]",
-        "task.generation.max_new_tokens=12",
     ]
-    metrics, _ = train(compose_cfg(overrides))
-    for key in ("untrained/val/label_acc", "val/label_acc", "val/label_macro_f1", "test/label_acc", "test/rougeL"):
-        assert 0.0 <= metrics[key] <= 1.0, key
-    assert metrics["val/label_unparsed"] <= 4
+    metrics, objects = train(compose_cfg(overrides))
+    samples = objects["module"].test_samples
+    truth = [stated_label(sample["reference"]) for sample in samples]
+    predicted = [stated_label(sample["prediction"]) or "unparsed" for sample in samples]
+    assert len(samples) == 16 and None not in truth
+    neutral = truth.count("neutral")
+    assert 0 < neutral < len(samples)
+    assert metrics["test/label_acc"] == pytest.approx(accuracy_score(truth, predicted))
+    assert metrics["test/label_acc"] == pytest.approx(1 - neutral / len(samples))
+    assert metrics["test/label_macro_f1"] == pytest.approx(f1_score(truth, predicted, labels=LABELS, average="macro"))
+    assert metrics["test/label_unparsed"] == neutral
+    assert metrics["untrained/val/label_unparsed"] > 0 and 0 < metrics["untrained/val/label_acc"] < 1
