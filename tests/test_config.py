@@ -47,14 +47,6 @@ def test_llama7b_chat_template_renders_inst_format(compose_cfg, tmp_path):
 TRAINERS = ["default", "cpu", "gpu", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"]
 
 
-@pytest.mark.parametrize("trainer", TRAINERS)
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed", "bf16-true"])
-def test_trainer_group_composes(compose_cfg, tmp_path, trainer, precision):
-    cfg = compose_cfg([f"trainer={trainer}", f"trainer.precision={precision}", f"paths.output_dir={tmp_path}"])
-    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
-    assert cfg.trainer.precision == precision
-
-
 def test_sixteen_bit_on_cpu_fails_with_reason(compose_cfg, tmp_path):
     cfg = compose_cfg(["trainer=cpu", "trainer.precision=16-mixed", f"paths.output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="needs a GPU"):

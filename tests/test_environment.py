@@ -9,7 +9,9 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
+from packaging.requirements import Requirement
 
 from .conftest import ROOT, loopback_only_connect
 
@@ -38,6 +40,23 @@ def test_the_running_environment_is_exactly_the_lock():
         pytest.skip("a GPU machine installs torch's CUDA build beside the lock")
     assert {n: (locked.get(n), v) for n, v in present.items() if locked.get(n) != v} == {}
     assert sorted(set(locked) - set(present)) == []
+
+
+def declared_requirements() -> list[Requirement]:
+    """pyproject.toml's dependencies and its dev extra (what scripts/lock.sh resolves)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return [Requirement(line) for line in [*project["dependencies"], *project["optional-dependencies"]["dev"]]]
+
+
+def test_the_lock_satisfies_every_declared_range():
+    """A pyproject.toml edit without a re-lock fails here (offline; ``bash scripts/lock.sh --check`` asks uv)."""
+    locked = pins(ROOT / "requirements" / "lock.txt")
+    misses = {
+        str(requirement): locked.get(normalized(requirement.name))
+        for requirement in declared_requirements()
+        if not requirement.specifier.contains(locked.get(normalized(requirement.name), "0.0.0a0"), prereleases=True)
+    }
+    assert misses == {}, f"re-lock with: bash scripts/lock.sh ({misses})"
 
 
 def test_the_lock_pins_the_cpu_torch_and_no_cuda_packages():
