@@ -1,5 +1,5 @@
-"""task=reward and task=dpo on a tiny Llama: the module's losses against the tested loss functions fed with
-independently computed log-probs, the three DPO references agreeing, learning on a learnable preference,
+"""task=reward and task=dpo on a tiny Llama: the module's losses (each DPO loss type) against the tested loss
+functions fed with log-probs computed by hand, the three DPO references agreeing, learning on a learnable preference,
 the on-disk reference cache, and combinations that cannot work refused at config time."""
 
 from __future__ import annotations
@@ -9,10 +9,11 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tunelab.errors import ConfigError
 from tunelab.methods.inhouse import adapters_disabled
-from tunelab.tasks.dpo import reply_logps
+from tunelab.tasks.dpo import DPOModule
 from tunelab.tasks.pairwise import split_pairs
 from tunelab.tasks.preference_losses import dpo_loss
 from tunelab.train import build_components, train
@@ -67,29 +68,79 @@ def perturb_adapter(model):
                 param.copy_(0.05 * torch.randn(param.shape, generator=generator))
 
 
+def reply_positions(tokenizer, batch) -> list[range]:
+    """Per row, the positions of the reply tokens, found from the token ids (not from the labels): those after the
+    last ``<|im_start|>assistant\\n`` the chat template writes, up to the padding."""
+    marker = tokenizer("<|im_start|>assistant\n", add_special_tokens=False).input_ids
+    replies = []
+    for ids, attention in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist(), strict=True):
+        starts = [i + len(marker) for i in range(len(ids)) if ids[i : i + len(marker)] == marker]
+        replies.append(range(starts[-1], sum(attention)))
+    return replies
+
+
+def hand_reply_logps(model, batch, replies: list[range]) -> torch.Tensor:
+    """Per row, ``sum_r log softmax(logits[r - 1])[input_ids[r]]`` over its reply positions ``r``, in float64:
+    the prompt and the padding are left out by position."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    totals = []
+    for row, reply in enumerate(replies):
+        picked = [torch.log_softmax(logits[row, r - 1].double(), -1)[batch["input_ids"][row, r]] for r in reply]
+        totals.append(torch.stack(picked).sum())
+    return torch.stack(totals)
+
+
+def dpo_module(components, cfg, loss_type: str, label_smoothing: float) -> DPOModule:
+    """Another DPO module on the components' model, with ``task.loss_type`` / ``task.label_smoothing`` replaced."""
+    task_cfg = OmegaConf.merge(cfg.task, {"loss_type": loss_type, "label_smoothing": label_smoothing})
+    return DPOModule(components["model"], task_cfg, cfg.method.name, components["module"].identity)
+
+
+# (task.loss_type, task.label_smoothing): DPO, conservative DPO, IPO, SLiC.
+DPO_LOSSES = (("sigmoid", 0.0), ("sigmoid", 0.1), ("ipo", 0.0), ("hinge", 0.0))
+
+
 @pytest.mark.parametrize("reference", ["adapter_disabled", "copy", "precomputed"])
 def test_dpo_loss_uses_the_base_model_as_reference(reference, preference_file, compose_cfg, tmp_path):
+    """For each loss type, the module's per-pair losses and statistics equal ``dpo_loss`` fed with log-probs
+    gathered here by hand: the perturbed policy's and the base model's (LoRA B = 0), summed over the reply tokens,
+    per-token means for IPO (as trl). One model serves a module per loss type (sharing the reference cache)."""
     overrides = [*alignment_overrides("dpo", preference_file, tmp_path), f"task.reference={reference}", "task.beta=0.5"]
-    components = build_components(compose_cfg(overrides))
-    module, model = components["module"], components["model"]
+    cfg = compose_cfg(overrides)
+    components = build_components(cfg)
+    model = components["model"]
+    # made before the perturbation: reference=copy copies the model as it starts
+    modules = {loss: dpo_module(components, cfg, *loss) for loss in DPO_LOSSES}
     batch = one_batch(components)
-    base_logps = reply_logps(model.eval(), batch, average=False).detach()  # LoRA B = 0: the base model
-    perturb_adapter(model)
+    replies = reply_positions(components["tokenizer"], batch)
+    lengths = torch.tensor([len(reply) for reply in replies], dtype=torch.float64)
     with torch.no_grad():
-        policy_logps = reply_logps(model, batch, average=False)
+        base_logps = hand_reply_logps(model.eval(), batch, replies)
+        perturb_adapter(model)
+        policy_logps = hand_reply_logps(model, batch, replies)
         with adapters_disabled(model):
-            assert torch.allclose(reply_logps(model, batch, average=False), base_logps, atol=1e-5)
-    if reference == "precomputed":
-        module.trainer = type("T", (), {"datamodule": components["datamodule"], "global_step": 0, "global_rank": 0})()
-    with torch.no_grad():
-        losses, statistics = module.pair_outputs(batch, "val")
-    expected, chosen_rewards, _ = dpo_loss(
-        *split_pairs(policy_logps), *split_pairs(base_logps), beta=0.5, loss_type="sigmoid"
-    )
-    assert torch.allclose(losses, expected, atol=1e-5)
-    assert statistics["rewards/chosen"].item() == pytest.approx(chosen_rewards.mean().item(), abs=1e-5)
-    chosen, rejected = split_pairs(base_logps)
-    assert statistics["ref_logps/accuracy"].item() == pytest.approx((chosen > rejected).float().mean().item())
+            assert torch.allclose(hand_reply_logps(model, batch, replies), base_logps, atol=1e-5)
+    trainer = type("T", (), {"datamodule": components["datamodule"], "global_step": 0, "global_rank": 0})()
+    for (loss_type, label_smoothing), module in modules.items():
+        if reference == "precomputed":
+            module.trainer = trainer
+        with torch.no_grad():
+            losses, statistics = module.pair_outputs(batch, "val")
+        scale = lengths if loss_type == "ipo" else 1.0
+        ref_chosen, ref_rejected = split_pairs(base_logps / scale)
+        expected, chosen_rewards, _ = dpo_loss(
+            *split_pairs(policy_logps / scale),
+            ref_chosen,
+            ref_rejected,
+            beta=0.5,
+            loss_type=loss_type,
+            label_smoothing=label_smoothing,
+        )
+        case = f"loss_type={loss_type} label_smoothing={label_smoothing}"
+        assert torch.allclose(losses.double(), expected, atol=1e-5), f"{case}: {losses} != {expected}"
+        assert statistics["rewards/chosen"].item() == pytest.approx(chosen_rewards.mean().item(), abs=1e-5), case
+        ref_accuracy = (ref_chosen > ref_rejected).double().mean().item()
+        assert statistics["ref_logps/accuracy"].item() == pytest.approx(ref_accuracy), case
 
 
 def test_dpo_learns_the_preference_and_reuses_the_reference_cache(preference_file, compose_cfg, tmp_path):

@@ -4,13 +4,15 @@ trained first), a frozen teacher kept out of checkpoints, and mismatched teacher
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from tunelab.errors import ConfigError
-from tunelab.tasks.distill import soft_target_loss
+from tunelab.tasks.distill import ClassificationDistillModule, SFTDistillModule, Teacher, soft_target_loss
 from tunelab.train import train
 
 from .conftest import tiny_classification_overrides, tiny_overrides
@@ -32,6 +34,109 @@ def test_soft_target_loss_equals_hand_value_and_torch_kl():
     )
     assert soft_target_loss(student, teacher, 3.0).item() == pytest.approx(9 * reference.item(), abs=1e-6)
     assert soft_target_loss(teacher, teacher, 3.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in model whose forward gives the same logits whatever the input."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits.clone())
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.logits)
+
+
+ALPHA, TEMPERATURE = 0.3, 2.0  # alpha != 1 - alpha and T != 1, so swapping the weights or dropping T^2 shows
+DISTILL_CFG = {"alpha": ALPHA, "temperature": TEMPERATURE, "generation": {"labels": None}}  # what the modules read
+
+
+def sft_student(student: torch.Tensor, teacher: torch.Tensor) -> SFTDistillModule:
+    cfg = OmegaConf.create(DISTILL_CFG)
+    return SFTDistillModule(FixedLogits(student), None, cfg, True, Teacher(FixedLogits(teacher)))
+
+
+def classification_student(student: torch.Tensor, teacher: torch.Tensor) -> ClassificationDistillModule:
+    cfg = OmegaConf.create(DISTILL_CFG)
+    return ClassificationDistillModule(FixedLogits(student), cfg, list("abcd"), True, Teacher(FixedLogits(teacher)))
+
+
+def training_loss(module, labels: torch.Tensor) -> tuple[float, dict[str, float]]:
+    """The module's training-step loss on a batch with these labels (the stand-in models ignore the inputs), and
+    what it logged."""
+    logged = {}
+    module.log = lambda name, value, **kwargs: logged.__setitem__(name, value.item())
+    inputs = {"input_ids": torch.zeros(labels.shape, dtype=torch.long), "attention_mask": torch.ones(labels.shape)}
+    return module.training_step({**inputs, "labels": labels}, 0).item(), logged
+
+
+def log_softmax(values: list[float]) -> list[float]:
+    top = max(values)
+    log_total = top + math.log(sum(math.exp(v - top) for v in values))
+    return [v - log_total for v in values]
+
+
+def hand_distill_parts(rows: list[tuple[list[float], list[float], int]]) -> tuple[float, float]:
+    """(CE, T^2 KL) over ``rows`` of (student logits, teacher logits, label), each averaged over the rows, in
+    float64 Python arithmetic: ``CE = -log softmax(s)[y]``, ``KL = sum_v p_v (log p_v - log q_v)`` with
+    ``p = softmax(teacher / T)`` (the target) and ``q = softmax(student / T)``."""
+    ce = kl = 0.0
+    for student, teacher, label in rows:
+        ce -= log_softmax(student)[label]
+        log_p = log_softmax([t / TEMPERATURE for t in teacher])
+        log_q = log_softmax([s / TEMPERATURE for s in student])
+        kl += sum(math.exp(lp) * (lp - lq) for lp, lq in zip(log_p, log_q, strict=True))
+    return ce / len(rows), TEMPERATURE**2 * kl / len(rows)
+
+
+# Token-level (objective=sft): 2 sequences x 5 positions x 4 vocabulary entries; logits[:, t] predicts labels[:, t + 1].
+SFT_LABELS = torch.tensor([[-100, -100, 2, 1, 3], [-100, 0, 3, -100, -100]])  # prompt 2 / 1 tokens; row 1 padded
+SUPERVISED = [(0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]  # (row, t) with labels[row, t + 1] != -100
+MASKED = [(0, 0), (0, 4), (1, 2), (1, 3), (1, 4)]  # predicting a prompt token, padding, or nothing (the last t)
+
+
+def sft_logits() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return 2 * torch.randn(2, 5, 4, generator=generator), 2 * torch.randn(2, 5, 4, generator=generator)
+
+
+def test_sft_distillation_loss_equals_the_hand_computed_mix():
+    """``alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T)`` of the token-level training step, both terms
+    averaged over the supervised response tokens only, equals the value computed element by element here."""
+    student, teacher = sft_logits()
+    rows = [(student[b, t].tolist(), teacher[b, t].tolist(), int(SFT_LABELS[b, t + 1])) for b, t in SUPERVISED]
+    ce, soft = hand_distill_parts(rows)
+    loss, logged = training_loss(sft_student(student, teacher), SFT_LABELS)
+    assert loss == pytest.approx(ALPHA * ce + (1 - ALPHA) * soft, rel=1e-6)
+    assert (logged["train/hard_loss"], logged["train/soft_loss"]) == pytest.approx((ce, soft), rel=1e-6)
+    assert logged["train/loss"] == pytest.approx(loss, rel=1e-6)
+
+
+@pytest.mark.parametrize("which", ["student", "teacher"])
+def test_sft_distillation_loss_reads_only_supervised_positions(which):
+    """Changing the student's (or the teacher's) logits at a position that predicts a prompt token, padding or
+    nothing leaves the loss as it is; at a position that predicts a response token it moves it."""
+    logits = dict(zip(("student", "teacher"), sft_logits(), strict=True))
+    unchanged, _ = training_loss(sft_student(logits["student"], logits["teacher"]), SFT_LABELS)
+    for b, t in MASKED + SUPERVISED:
+        changed = dict(logits)
+        changed[which] = logits[which].clone()
+        changed[which][b, t] += torch.tensor([3.0, -2.0, 0.0, 1.0])
+        loss, _ = training_loss(sft_student(changed["student"], changed["teacher"]), SFT_LABELS)
+        if (b, t) in MASKED:
+            assert loss == unchanged, f"{which} logits at masked ({b}, {t}) changed the loss"
+        else:
+            assert abs(loss - unchanged) > 1e-3, f"{which} logits at supervised ({b}, {t}) did not change the loss"
+
+
+def test_classification_distillation_loss_equals_the_hand_computed_mix():
+    """The per-text pairing: the same mix, CE against the labels and KL over the classes, averaged over texts."""
+    generator = torch.Generator().manual_seed(1)
+    student, teacher = 2 * torch.randn(3, 4, generator=generator), 2 * torch.randn(3, 4, generator=generator)
+    labels = torch.tensor([2, 0, 3])
+    ce, soft = hand_distill_parts(list(zip(student.tolist(), teacher.tolist(), labels.tolist(), strict=True)))
+    loss, _ = training_loss(classification_student(student, teacher), labels)
+    assert loss == pytest.approx(ALPHA * ce + (1 - ALPHA) * soft, rel=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,11 @@
-"""Alignment losses: DPO against trl's DPOTrainer, hand-worked values for reward, DPO and PPO pieces."""
+"""Alignment losses: DPO against values stored from trl's DPOTrainer (and that file against the installed trl),
+hand-worked values for reward, DPO and PPO pieces."""
 
 from __future__ import annotations
 
+import json
 import math
-from collections import defaultdict
-from types import SimpleNamespace
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,89 +25,60 @@ from tunelab.tasks.preference_losses import (
     whiten,
 )
 
-# Sequence log-probs of 5 pairs (policy chosen / rejected, reference chosen / rejected) and reply lengths.
-PI_C = torch.tensor([-12.5, -30.25, -7.0, -55.5, -3.125], dtype=torch.float64)
-PI_R = torch.tensor([-14.0, -28.0, -9.5, -50.0, -3.0], dtype=torch.float64)
-REF_C = torch.tensor([-13.0, -29.0, -8.0, -54.0, -3.5], dtype=torch.float64)
-REF_R = torch.tensor([-13.5, -29.5, -8.25, -52.0, -2.75], dtype=torch.float64)
-LEN_C = torch.tensor([6, 20, 4, 31, 2])
-LEN_R = torch.tensor([7, 18, 5, 25, 3])
+REFERENCE_FILE = Path(__file__).parent / "data" / "trl_dpo_reference.json"
+TRL_REFERENCE = json.loads(REFERENCE_FILE.read_text())
+# Both sides compute in float64 from the same inputs: sigmoid, hinge and cDPO agree bit for bit, IPO (trl divides
+# the log-ratios by the lengths, the test each log-prob) to 7e-15 on losses of ~25. float32 inputs would be off
+# by up to 4e-6, so the check is float64's.
+TOLERANCE = 1e-12
 
 
-def trl_dpo(loss_type: str, beta: float, label_smoothing: float, index: int) -> tuple[float, float, float]:
-    """(loss, chosen reward, rejected reward) of pair ``index`` by trl's ``DPOTrainer._compute_loss``.
+def case_id(case: dict) -> str:
+    return f"{case['loss_type']}-eps{case['label_smoothing']}-beta{case['beta']}"
 
-    Called unbound on a namespace with the attributes it reads: precomputed reference log-probs and a stub model
-    whose per-token log-probs sum to the pair's policy log-probs; ``completion_mask`` carries the reply lengths
-    (IPO divides by them). trl >= 1.16 reads ``outputs.log_probs`` (its fused LM head), not logits.
-    """
-    trainer_module = pytest.importorskip("trl.trainer.dpo_trainer")
-    lengths = torch.stack([LEN_C[index], LEN_R[index]])
-    width = int(lengths.max()) + 2
-    completion_mask = ((torch.arange(width) >= 1) & (torch.arange(width) <= lengths[:, None])).long()
-    log_probs = torch.zeros(2, width - 1, dtype=torch.float64)
-    log_probs[:, 0] = torch.stack([PI_C[index], PI_R[index]])  # the rest of each reply: log-prob 0
-    outputs = SimpleNamespace(
-        log_probs=log_probs,
-        entropy=torch.zeros_like(log_probs),
-        mean_logits=torch.zeros_like(log_probs),
-        is_top1=torch.zeros_like(log_probs, dtype=torch.bool),
+
+def stored_pairs() -> dict[str, torch.Tensor]:
+    """The reference file's sequence log-probs and reply lengths, as float64 tensors."""
+    return {name: torch.tensor(values, dtype=torch.float64) for name, values in TRL_REFERENCE["pairs"].items()}
+
+
+def assert_matches(actual: torch.Tensor, expected: list[float], what: str) -> None:
+    assert actual.tolist() == pytest.approx(expected, rel=0, abs=TOLERANCE), what
+
+
+@pytest.mark.parametrize("case", TRL_REFERENCE["cases"], ids=case_id)
+def test_dpo_loss_equals_stored_trl_values(case):
+    """Per-pair losses and implicit rewards equal trl's (``tests/data/trl_dpo_reference.json``). IPO gets the
+    per-token mean log-probs (trl divides by the reply lengths inside its IPO loss); trl's rewards are then still
+    the summed ones, ours the per-token ones, so ours are scaled back by the lengths."""
+    pairs = stored_pairs()
+    lengths = (pairs["chosen_lengths"], pairs["rejected_lengths"], pairs["chosen_lengths"], pairs["rejected_lengths"])
+    logps = (pairs["policy_chosen"], pairs["policy_rejected"], pairs["ref_chosen"], pairs["ref_rejected"])
+    ipo = case["loss_type"] == "ipo"
+    if ipo:
+        logps = tuple(values / length for values, length in zip(logps, lengths, strict=True))
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        *logps, beta=case["beta"], loss_type=case["loss_type"], label_smoothing=case["label_smoothing"]
     )
-    trainer = SimpleNamespace(
-        model=SimpleNamespace(training=True),
-        accelerator=SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x),
-        aux_loss_enabled=False,
-        ld_alpha=None,
-        precompute_ref_logps=True,
-        f_divergence_type="reverse_kl",
-        loss_types=[loss_type],
-        loss_weights=[1.0],
-        beta=beta,
-        label_smoothing=label_smoothing,
-        use_weighting=False,
-        _metrics={"train": defaultdict(list)},
-        _total_train_tokens=0,
-        _tp_size=1,
-    )
-    inputs = {
-        "input_ids": torch.zeros(2, width, dtype=torch.long),
-        "attention_mask": torch.ones(2, width, dtype=torch.long),
-        "completion_mask": completion_mask,
-        "ref_chosen_logps": REF_C[index : index + 1],
-        "ref_rejected_logps": REF_R[index : index + 1],
-    }
-    loss = trainer_module.DPOTrainer._compute_loss(trainer, lambda **kwargs: outputs, inputs, return_outputs=False)
-    metrics = trainer._metrics["train"]
-    return loss.item(), metrics["rewards/chosen"][0], metrics["rewards/rejected"][0]
+    if ipo:
+        chosen_rewards, rejected_rewards = chosen_rewards * lengths[0], rejected_rewards * lengths[1]
+    assert_matches(losses, case["losses"], "losses")
+    assert_matches(chosen_rewards, case["chosen_rewards"], "chosen rewards")
+    assert_matches(rejected_rewards, case["rejected_rewards"], "rejected rewards")
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge"])
-@pytest.mark.parametrize("beta", [0.1, 0.5])
-def test_dpo_sigmoid_and_hinge_equal_trl(loss_type, beta):
-    pytest.importorskip("trl", minversion="1.16")
-    losses, chosen_rewards, rejected_rewards = dpo_loss(PI_C, PI_R, REF_C, REF_R, beta=beta, loss_type=loss_type)
-    for index in range(len(PI_C)):
-        expected = trl_dpo(loss_type, beta, 0.0, index)
-        ours = (losses[index].item(), chosen_rewards[index].item(), rejected_rewards[index].item())
-        assert ours == pytest.approx(expected, abs=1e-6)
+def test_stored_trl_reference_is_what_the_installed_trl_gives():
+    """The stored file against trl itself (a dev dependency: an import error fails here, it is not skipped), so a
+    trl release that changes a loss is noticed; regenerate with ``python -m tests.data.make_trl_reference``."""
+    from .data import make_trl_reference
 
-
-def test_dpo_ipo_equals_trl_on_per_token_mean_logps():
-    pytest.importorskip("trl", minversion="1.16")
-    beta = 0.5
-    losses, _, _ = dpo_loss(PI_C / LEN_C, PI_R / LEN_R, REF_C / LEN_C, REF_R / LEN_R, beta=beta, loss_type="ipo")
-    for index in range(len(PI_C)):
-        assert losses[index].item() == pytest.approx(trl_dpo("ipo", beta, 0.0, index)[0], abs=1e-6)
-
-
-def test_dpo_label_smoothing_equals_trl_conservative_form():
-    """trl 1.x's ``sigmoid`` ignores label_smoothing; its ``aot`` loss applies the same conservative-DPO form
-    to sorted log-ratio margins, which for a single pair (nothing to sort) is exactly cDPO."""
-    pytest.importorskip("trl", minversion="1.16")
-    beta, eps = 0.5, 0.2
-    losses, _, _ = dpo_loss(PI_C, PI_R, REF_C, REF_R, beta=beta, label_smoothing=eps)
-    for index in range(len(PI_C)):
-        assert losses[index].item() == pytest.approx(trl_dpo("aot", beta, eps, index)[0], abs=1e-6)
+    fresh = make_trl_reference.reference_table()
+    versions = f"trl {fresh['trl_version']} now, the file has trl {TRL_REFERENCE['trl_version']}"
+    assert fresh["pairs"] == TRL_REFERENCE["pairs"], "the generator's pairs differ from the file's: regenerate it"
+    assert [case_id(case) for case in fresh["cases"]] == [case_id(case) for case in TRL_REFERENCE["cases"]]
+    for now, stored in zip(fresh["cases"], TRL_REFERENCE["cases"], strict=True):
+        for key in ("losses", "chosen_rewards", "rejected_rewards"):
+            assert now[key] == pytest.approx(stored[key], rel=0, abs=TOLERANCE), f"{case_id(now)} {key}: {versions}"
 
 
 def test_dpo_hand_values_and_detached_rewards():
