@@ -64,6 +64,7 @@ def test_unknown_dtype_is_a_config_error(tmp_path):
         ensure_smollm2_checkpoint(tmp_path, dtype="float64")
 
 
+@pytest.mark.slow  # the real SmolLM2-135M, GGUF vs converted
 def test_converted_smollm2_matches_the_gguf_model(cache_dir):
     """The bf16 checkpoint holds the GGUF weights rounded to bf16, and computes the same logits from them."""
     import torch

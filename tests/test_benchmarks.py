@@ -6,7 +6,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import ROOT
+
+pytestmark = pytest.mark.slow  # subprocess runs of both benchmark sides
 
 RATE = r"[\d,]+"
 

