@@ -28,9 +28,10 @@ def test_compiled_blocks_match_the_eager_model(compose_cfg, cache_dir):
         logits.float().pow(2).mean().backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
         outputs[name] = (logits.detach(), grads)
-    torch.testing.assert_close(outputs["compiled"][0], outputs["eager"][0], atol=1e-5, rtol=1e-4)
+    # README: within 1e-5 (measured: logits 3.0e-7, LoRA gradients 1.0e-9)
+    torch.testing.assert_close(outputs["compiled"][0], outputs["eager"][0], atol=1e-5, rtol=0)
     for name, grad in outputs["eager"][1].items():
-        torch.testing.assert_close(outputs["compiled"][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(outputs["compiled"][1][name], grad, atol=1e-5, rtol=0, msg=name)
 
 
 def test_compiled_blocks_run_segment_attention_on_packed_rows(compose_cfg, cache_dir):
@@ -47,4 +48,4 @@ def test_compiled_blocks_run_segment_attention_on_packed_rows(compose_cfg, cache
         assert use_segment_attention(model)
         packed = {"position_ids": positions, "segment_lengths": lengths, "use_cache": False}
         logits[name] = model(input_ids=ids, **packed).logits.detach()
-    torch.testing.assert_close(logits["compiled"], logits["eager"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits["compiled"], logits["eager"], atol=1e-5, rtol=0)  # measured: 2.4e-7

@@ -90,6 +90,17 @@ def test_save_load_round_trip_and_disable_restore_the_right_logits(name, tiny_cf
 
 
 @pytest.mark.parametrize("name", MERGEABLE)
+def test_zero_update_methods_start_at_exactly_the_base_model(name, tiny_cfg):
+    """LoRA (B = 0) and IA3 (scales of 1) add nothing before the first step: the logits are the base model's, bit for
+    bit (experiments/method_comparison: lora, ia3, bitfit and full start at exactly the base model's val loss)."""
+    model, tokenizer = adapted(name, tiny_cfg)
+    batch = batch_for(tokenizer)
+    base = fresh_base(tiny_cfg).model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(aligned_logits(model.eval(), batch), aligned_logits(base, batch), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", MERGEABLE)
 def test_merged_logits_equal_adapter_logits(name, tiny_cfg):
     model, tokenizer = adapted(name, tiny_cfg)
     batch = batch_for(tokenizer)

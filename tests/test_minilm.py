@@ -53,8 +53,10 @@ def test_converted_model_matches_onnxruntime(encoded):
     session = onnxruntime.InferenceSession(str(onnx_path()), providers=["CPUExecutionProvider"])
     inputs = {name: batch[name].numpy() for name in ("input_ids", "attention_mask")}
     onnx_hidden, onnx_pooled = session.run([ONNX_HIDDEN, ONNX_POOLED], inputs)
-    assert (hidden - torch.from_numpy(onnx_hidden)).abs().max() < 1e-4
-    assert (mean_pool(hidden, batch["attention_mask"]) - torch.from_numpy(onnx_pooled)).abs().max() < 1e-4
+    # experiments/finsent_sentiment/README.md: within 1.9e-6 (measured: token states 1.6e-6, pooled 4.5e-7)
+    hidden_gap = (hidden - torch.from_numpy(onnx_hidden)).abs().max().item()
+    pooled_gap = (mean_pool(hidden, batch["attention_mask"]) - torch.from_numpy(onnx_pooled)).abs().max().item()
+    assert hidden_gap <= 1.9e-6 and pooled_gap <= 1.9e-6, (hidden_gap, pooled_gap)
 
 
 def test_paraphrases_are_closer_than_unrelated_sentences(encoded):

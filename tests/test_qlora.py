@@ -111,7 +111,7 @@ def test_merge_into_dequantized_weights_matches_the_4bit_adapter_model(cache_dir
         assert not four_bit_layers(merged) and not hasattr(merged.config, "quantization_config")
         gap = (aligned_logits(merged, batch) - expected).abs().max().item()
         print(f"qlora merged-vs-adapter max |logit gap| = {gap:.2e}")
-        assert gap < 1e-4
+        assert gap < 1e-6  # README: the merged fp32 model's logits differ by 5e-7 (measured 4.8e-7)
         export_merged(model, tokenizer, tmp_path)
         served = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
         torch.testing.assert_close(aligned_logits(served, batch), aligned_logits(merged, batch), atol=1e-6, rtol=0)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from .conftest import run_distributed
 
 pytestmark = pytest.mark.slow  # multi-process runs (2 CPU processes, subprocess)
+TWO_ULPS = 2e-6  # two fp32 rounding steps at a loss of ~10.5
 
 
 def expected_lora_shapes(base: torch.nn.Module, adapter_dir) -> dict[str, tuple[int, ...]]:
@@ -69,7 +70,9 @@ def test_sharded_lora_trains_and_exports_a_complete_adapter(
     lora_b = [v for k, v in saved.items() if "lora_B" in k]
     assert all(torch.count_nonzero(v) > 0 for v in lora_b), "lora_B starts at zero: every one must have trained"
 
+    # README: the reloaded adapter reproduces the run's loss to 2 fp32 ulps at ~10.5 (measured: 0.0 for the test losses
+    # of FSDP and ZeRO-3, adapter and merged; 9.5e-7, one ulp, for ZeRO-2's val loss, reduced over 2 ranks)
     split, expected = ("val", metrics["best/val/loss"]) if "test=false" in overrides else ("test", metrics["test/loss"])
-    assert reloaded_loss(run_dir / "adapter", split) == pytest.approx(expected, abs=1e-5)
+    assert reloaded_loss(run_dir / "adapter", split) == pytest.approx(expected, abs=TWO_ULPS)
     if "export.merged=true" in overrides:  # merged from the gathered adapter, not from this rank's slices
-        assert reloaded_loss(run_dir / "merged", split) == pytest.approx(expected, abs=1e-5)
+        assert reloaded_loss(run_dir / "merged", split) == pytest.approx(expected, abs=TWO_ULPS)
