@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import socket
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
@@ -30,7 +31,10 @@ def pins(path: Path) -> dict[str, str]:
 
 
 def installed() -> dict[str, str]:
-    return {normalized(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    """Distributions installed in the environment's site-packages (not the copies that packages vendor, such as
+    setuptools/_vendor, which land on sys.path once pkg_resources is imported)."""
+    site_packages = sysconfig.get_paths()["purelib"]
+    return {normalized(d.metadata["Name"]): d.version for d in metadata.distributions(path=[site_packages])}
 
 
 def test_the_running_environment_is_exactly_the_lock():
