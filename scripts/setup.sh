@@ -13,7 +13,7 @@ VENV=.venv
 LOCK=requirements/lock.txt
 ASSETS=requirements/assets.txt
 WHEELS=${TUNELAB_TORCH_WHEELS:-/opt/wheels}   # folder holding torch-2.13.0+cpu-*.whl (find-links)
-VADER=vaderSentiment-3.3.2.tar.gz
+VADER=vaderSentiment==3.3.2
 VADER_SHA256=5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9
 MARKER="$VENV/.tunelab-setup-$(cat pyproject.toml "$LOCK" "$ASSETS" scripts/setup.sh | sha1sum | cut -c1-12)"
 if [ -f "$MARKER" ]; then exit 0; fi
@@ -29,26 +29,25 @@ UV="$VENV/bin/uv"
 SYNC=(--python "$VENV/bin/python" --find-links "$WHEELS" --quiet)
 
 PROJECT=$(mktemp)
-trap 'rm -f "$PROJECT"' EXIT
+trap 'rm -f "$PROJECT" "$PROJECT.lock"' EXIT
 echo "-e ." > "$PROJECT"
 if command -v nvidia-smi > /dev/null && nvidia-smi -L > /dev/null 2>&1; then
     TORCH=$(grep '^torch==' "$LOCK" | sed 's/+cpu$//')
     grep -v '^torch==' "$LOCK" > "$PROJECT.lock"
     "$UV" pip sync "${SYNC[@]}" "$PROJECT.lock" "$PROJECT"
     "$UV" pip install "${SYNC[@]}" --constraint "$PROJECT.lock" "$TORCH"
-    rm -f "$PROJECT.lock"
 else
     "$UV" pip sync "${SYNC[@]}" "$LOCK" "$PROJECT"
 fi
 "$UV" pip install "${SYNC[@]}" --no-deps -r "$ASSETS"
 
 # data=finsent reads the NYT snippets inside the vaderSentiment source archive (the wheel leaves them out).
-SHARE="$VENV/share/tunelab"
-mkdir -p "$SHARE"
-if ! echo "$VADER_SHA256  $SHARE/$VADER" | sha256sum --check --status 2> /dev/null; then
+ARCHIVE="$VENV/share/tunelab/${VADER/==/-}.tar.gz"
+mkdir -p "$(dirname "$ARCHIVE")"
+if ! echo "$VADER_SHA256  $ARCHIVE" | sha256sum --check --status 2> /dev/null; then
     "$VENV/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
-        "vaderSentiment==3.3.2" -d "$SHARE"
-    echo "$VADER_SHA256  $SHARE/$VADER" | sha256sum --check --quiet
+        "$VADER" -d "$(dirname "$ARCHIVE")"
+    echo "$VADER_SHA256  $ARCHIVE" | sha256sum --check --quiet
 fi
 
 rm -f "$VENV"/.tunelab-setup-*

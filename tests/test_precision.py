@@ -103,7 +103,7 @@ def test_every_combination_passes_or_is_refused_in_one_sentence(
         check_config(cfg)
 
 
-def test_sixteen_mixed_with_fused_adamw_trains_once_clipping_is_off(compose_cfg, tmp_path, monkeypatch):
+def test_sixteen_mixed_with_fused_adamw_passes_the_checks_once_clipping_is_off(compose_cfg, tmp_path, monkeypatch):
     monkeypatch.setattr(config_checks, "gpu_available", lambda: True)
     cfg = compose_cfg(
         ["trainer=gpu", "trainer.precision=16-mixed", "trainer.gradient_clip_val=null", f"paths.output_dir={tmp_path}"]

@@ -103,16 +103,9 @@ def uses_gpu(trainer_cfg: DictConfig) -> bool:
     return trainer_cfg.accelerator in ("auto", "gpu", "cuda") and gpu_available()
 
 
-def strategy_name(strategy: object) -> str:
-    """A strategy's name in lower case: Lightning's name, a factory config's ``_target_``, or the object's class."""
-    if isinstance(strategy, DictConfig):
-        strategy = strategy.get("_target_", "")
-    return (strategy if isinstance(strategy, str) else type(strategy).__name__).lower()
-
-
-def has_own_precision(strategy: object) -> bool:
-    """Whether the strategy brings its own precision plugin (FSDP, DeepSpeed)."""
-    return any(kind in strategy_name(strategy) for kind in ("fsdp", "deepspeed"))
+def strategy_name(strategy: str | DictConfig) -> str:
+    """A configured strategy's name in lower case: Lightning's name, or a factory config's ``_target_``."""
+    return str(strategy.get("_target_", "") if isinstance(strategy, DictConfig) else strategy).lower()
 
 
 def resolve_precision(cfg: DictConfig) -> str:

@@ -210,9 +210,19 @@ def deepspeed_strategy(
     )
 
 
+SHARDING_ENGINES = (FSDPStrategy, DeepSpeedStrategy)  # bring their own precision plugin and checkpoint loading
+
+
 def strategy_loads_checkpoints(trainer: Any) -> bool:
     """Whether the model's weights load only through the strategy (FSDP, DeepSpeed), not ``load_state_dict``."""
-    return isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy))
+    return isinstance(trainer.strategy, SHARDING_ENGINES)
+
+
+def has_own_precision(strategy: Any) -> bool:
+    """Whether Lightning gives the strategy (an object, or Lightning's name for one) its own precision plugin."""
+    if isinstance(strategy, str):
+        return any(kind in strategy.lower() for kind in ("fsdp", "deepspeed"))
+    return isinstance(strategy, SHARDING_ENGINES)
 
 
 @contextmanager

