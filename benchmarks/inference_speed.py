@@ -12,21 +12,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from tunelab.data.datamodule import ClassificationDataModule
-from tunelab.evaluate import load_adapter, locate_run
 from tunelab.methods import parameter_report
+from tunelab.runs import load_export
 
 
 def load(adapter_dir: str, cache_dir: str) -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
     """The run's model (eval mode) and its test split as batches."""
-    from omegaconf import DictConfig
-
-    _, run_cfg = locate_run(DictConfig({"ckpt_path": None, "adapter_path": adapter_dir}))
-    model, tokenizer = load_adapter(run_cfg, Path(adapter_dir), cache_dir)
+    model, tokenizer, run_cfg = load_export(adapter_dir, cache_dir)
     datamodule = ClassificationDataModule(run_cfg.data, tokenizer, cache_dir)
     datamodule.setup()
     return model.eval(), list(datamodule.test_dataloader()[0])

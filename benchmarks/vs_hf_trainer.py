@@ -338,8 +338,8 @@ def run_tunelab(spec: Spec, workdir: Path) -> dict[str, Any]:
     warm-up (``max_steps=warmup``, discarded) and the timed epoch."""
     import lightning.pytorch as pl
 
+    from tunelab.build import build_components, build_trainer
     from tunelab.config_checks import check_config
-    from tunelab.train import build_components, build_trainer
 
     cfg = tunelab_config(spec, str(workdir / "tunelab_out"))
     check_config(cfg)

@@ -11,12 +11,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from tunelab.build import build_components
 from tunelab.errors import ConfigError
+from tunelab.methods import METHODS
 from tunelab.methods.inhouse import adapters_disabled
 from tunelab.tasks.dpo import DPOModule
 from tunelab.tasks.pairwise import split_pairs
 from tunelab.tasks.preference_losses import dpo_loss
-from tunelab.train import build_components, train
+from tunelab.train import train
 
 from .conftest import tiny_overrides
 
@@ -93,7 +95,15 @@ def hand_reply_logps(model, batch, replies: list[range]) -> torch.Tensor:
 def dpo_module(components, cfg, loss_type: str, label_smoothing: float) -> DPOModule:
     """Another DPO module on the components' model, with ``task.loss_type`` / ``task.label_smoothing`` replaced."""
     task_cfg = OmegaConf.merge(cfg.task, {"loss_type": loss_type, "label_smoothing": label_smoothing})
-    return DPOModule(components["model"], task_cfg, cfg.method.name, components["module"].identity)
+    method = cfg.method.name
+    identity = components["module"].reference.identity
+    return DPOModule(
+        components["model"],
+        task_cfg,
+        METHODS[method].trains_all_weights,
+        METHODS[method].trains_base_in_place,
+        identity,
+    )
 
 
 # (task.loss_type, task.label_smoothing): DPO, conservative DPO, IPO, SLiC.
@@ -175,19 +185,18 @@ def test_dpo_learns_the_preference_and_reuses_the_reference_cache(preference_fil
 
 
 def test_reward_model_learns_and_reloads(preference_file, compose_cfg, tmp_path):
-    overrides = [*alignment_overrides("reward", preference_file, tmp_path), "trainer.max_epochs=3"]
-    metrics, objects = train(compose_cfg(overrides))
+    cfg = compose_cfg([*alignment_overrides("reward", preference_file, tmp_path), "trainer.max_epochs=3"])
+    metrics, objects = train(cfg)
     assert metrics["val/rewards/accuracy"] > 0.9 > metrics["untrained/val/rewards/accuracy"] - 0.5
     assert metrics["val/loss"] < metrics["untrained/val/loss"]
     assert metrics["test/rewards/margin"] > 0
 
-    from tunelab.evaluate import load_adapter, locate_run
+    from tunelab.runs import load_export
 
     batch = one_batch(objects)
     with torch.no_grad():
         scores = objects["module"].eval().scores(batch)
-        _, run_cfg = locate_run(compose_cfg([f"adapter_path={metrics['adapter_dir']}"], config_name="evaluate"))
-        reloaded, _ = load_adapter(run_cfg, tmp_path / "adapter", str(run_cfg.paths.cache_dir))
+        reloaded, _, _ = load_export(metrics["adapter_dir"], str(cfg.paths.cache_dir))
         again = reloaded.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
     assert torch.equal(scores, again), (scores - again).abs().max()  # README: reloads with identical scores
 

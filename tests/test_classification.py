@@ -108,7 +108,7 @@ def test_encoder_classification_learns(encoder_run):
 
 
 def test_checkpoint_reload_gives_identical_logits(encoder_run):
-    from tunelab.train import checkpoint_state
+    from tunelab.runs import checkpoint_state
 
     _, metrics, objects = encoder_run
     module = objects["module"]
@@ -153,7 +153,7 @@ def test_decoder_lora_classification_learns_and_adapter_reloads(labeled_file, co
 def test_every_applicable_method_trains_the_head_and_the_method(method, labeled_file, compose_cfg, tmp_path):
     import lightning.pytorch as pl
 
-    from tunelab.train import build_components
+    from tunelab.build import build_components
 
     overrides = [*tiny_classification_overrides(labeled_file, tmp_path), f"method={method}"]
     cfg = compose_cfg(
@@ -186,8 +186,8 @@ def test_combinations_that_cannot_work_fail_at_config_time(overrides, words, lab
 
 
 def test_classification_needs_a_label_set(compose_cfg, tmp_path):
-    from tunelab.train import task_head
+    from tunelab.tasks import OBJECTIVES
 
     cfg = compose_cfg(["task=classification", "data=hpo_qa", f"paths.output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"data\.labels"):
-        task_head(cfg)
+        OBJECTIVES[cfg.task.name].head(cfg)

@@ -59,6 +59,22 @@ def test_gpu_trainer_without_gpu_fails_with_reason(compose_cfg, tmp_path):
         check_config(cfg)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["trainer=ddp", "trainer.devices=8"],
+        ["trainer=ddp"],
+        ["trainer.devices=4"],
+        ["trainer=ddp", "trainer.num_nodes=2"],
+    ],
+)
+def test_several_devices_without_gpu_need_accelerator_cpu(compose_cfg, tmp_path, overrides):
+    cfg = compose_cfg([*overrides, f"paths.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"add trainer\.accelerator=cpu"):
+        check_config(cfg)
+    check_config(compose_cfg([*overrides, "trainer.accelerator=cpu", f"paths.output_dir={tmp_path}"]))
+
+
 def run_train(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
@@ -101,9 +117,9 @@ def test_fsdp_strategy_wraps_the_models_transformer_blocks(compose_cfg, tmp_path
 def test_deepspeed_trainers_set_the_zero_stage(compose_cfg, cache_dir, trainer, stage, offload):
     from hydra.utils import instantiate
 
-    from tunelab.config_checks import shards_parameters
     from tunelab.models.loading import load_model
     from tunelab.strategies import CPUDeepSpeedStrategy
+    from tunelab.trainer_config import shards_parameters
 
     cfg = compose_cfg(["model=tiny", f"trainer={trainer}"])
     model = load_model(cfg.model, cache_dir).model
@@ -144,15 +160,15 @@ def test_every_experiment_composes_and_passes_the_checks(name, compose_cfg, tmp_
 def test_auto_precision_is_bf16_mixed_only_on_a_bf16_gpu(compose_cfg, tmp_path, monkeypatch):
     import torch
 
-    from tunelab import config_checks
+    from tunelab import trainer_config
 
     cfg = compose_cfg([f"paths.output_dir={tmp_path}"])
     assert cfg.trainer.precision == "auto"
-    monkeypatch.setattr(config_checks, "gpu_available", lambda: False)
-    assert config_checks.resolve_precision(cfg) == "32-true" == cfg.trainer.precision
+    monkeypatch.setattr(trainer_config, "gpu_available", lambda: False)
+    assert trainer_config.resolve_precision(cfg) == "32-true" == cfg.trainer.precision
     cfg = compose_cfg([f"paths.output_dir={tmp_path}"])
-    monkeypatch.setattr(config_checks, "gpu_available", lambda: True)
+    monkeypatch.setattr(trainer_config, "gpu_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert config_checks.resolve_precision(cfg) == "bf16-mixed"
+    assert trainer_config.resolve_precision(cfg) == "bf16-mixed"
     cfg = compose_cfg(["trainer.accelerator=cpu", f"paths.output_dir={tmp_path}"])
-    assert config_checks.resolve_precision(cfg) == "32-true"
+    assert trainer_config.resolve_precision(cfg) == "32-true"

@@ -167,7 +167,7 @@ def distill_overrides(labeled_file, output_dir, teacher_metrics, model="tiny_ber
 
 
 def test_classification_student_learns_from_a_frozen_teacher(encoder_teacher, labeled_file, compose_cfg, tmp_path):
-    from tunelab.train import checkpoint_state
+    from tunelab.runs import checkpoint_state
 
     cfg = compose_cfg(distill_overrides(labeled_file, tmp_path, encoder_teacher))
     metrics, objects = train(cfg)
@@ -186,12 +186,11 @@ def test_classification_student_learns_from_a_frozen_teacher(encoder_teacher, la
 
 
 def test_teacher_is_unchanged_and_not_in_the_student_checkpoint(encoder_teacher, labeled_file, compose_cfg, tmp_path):
-    from tunelab.evaluate import load_adapter, locate_run
+    from tunelab.runs import load_export
 
     cfg = compose_cfg([*distill_overrides(labeled_file, tmp_path, encoder_teacher), "trainer.max_steps=3"])
     _, objects = train(cfg)
-    _, run_cfg = locate_run(compose_cfg([f"adapter_path={encoder_teacher['adapter_dir']}"], config_name="evaluate"))
-    fresh, _ = load_adapter(run_cfg, tmp_path.__class__(encoder_teacher["adapter_dir"]), str(cfg.paths.cache_dir))
+    fresh, _, _ = load_export(encoder_teacher["adapter_dir"], str(cfg.paths.cache_dir))
     trained_with = objects["module"].teacher.model.state_dict()
     for name, tensor in fresh.state_dict().items():
         assert torch.equal(tensor, trained_with[name]), name

@@ -199,9 +199,10 @@ def test_bitfit_can_refuse_models_without_biases(tiny_cfg):
 def test_impossible_method_combinations_fail_at_config_time(overrides, message, alpaca_file, compose_cfg, tmp_path):
     from tunelab.config_checks import check_method_fits_model
     from tunelab.errors import ConfigError
+    from tunelab.methods import METHODS
 
     from .conftest import tiny_overrides
 
     cfg = compose_cfg([*tiny_overrides(alpaca_file, tmp_path), *overrides])
     with pytest.raises(ConfigError, match=message):
-        check_method_fits_model(cfg)
+        check_method_fits_model(cfg, METHODS[cfg.method.name], head="causal_lm")

@@ -15,7 +15,9 @@ from tunelab.data.loading import load_examples
 from tunelab.data.sampler import ResumableSampler
 from tunelab.data.tokenization import encode_examples
 from tunelab.errors import ConfigError
+from tunelab.methods import METHODS
 from tunelab.models.segment_attention import runs_segment_attention, use_segment_attention
+from tunelab.tasks import OBJECTIVES
 from tunelab.tasks.sft import causal_lm_loss
 from tunelab.train import train
 
@@ -137,9 +139,8 @@ def test_packing_refuses_what_it_cannot_keep_apart(compose_cfg, tmp_path):
     with pytest.raises(ConfigError, match="virtual tokens"):
         check_config(cfg)
     cfg = compose_cfg(["data.packing=true", f"paths.output_dir={tmp_path}"])
-    cfg.task.name = "distill"  # an SFT data set read by another objective's padded batches
-    with pytest.raises(ConfigError, match="packs SFT examples"):
-        check_packing(cfg)
+    with pytest.raises(ConfigError, match="packs SFT examples"):  # an SFT data set read by padded batches
+        check_packing(cfg, OBJECTIVES["distill"], METHODS[cfg.method.name])
 
 
 def test_gradient_checkpointing_saves_fewer_activations_and_keeps_the_gradients(cache_dir, examples, compose_cfg):

@@ -17,9 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 from tunelab.data.prompts import PromptCollator, PromptDataModule, PromptExample, encode_prompts, load_prompts
 from tunelab.data.tokenization import render_prompt_ids
 from tunelab.errors import ConfigError, DataError
+from tunelab.methods import METHODS
 from tunelab.models.loading import load_model
-from tunelab.tasks.ppo import PPOModule, check_ppo_config, reference_copy, response_mask
+from tunelab.tasks.ppo import PPOModule, check_ppo_config
 from tunelab.tasks.preference_losses import token_logps
+from tunelab.tasks.rollout import response_mask
 
 from .test_preference_data import write_jsonl
 
@@ -177,21 +179,23 @@ def ppo_overrides(output_dir: Path, *extra: str) -> list[str]:
 
 
 def build_ppo(cfg: DictConfig, data_cfg: DictConfig, reward_fn) -> tuple[PPOModule, PromptDataModule]:
-    """The adapted model, the prompts, a frozen reference copy where the method trains the base weights, and the
-    module (as train.py is to build them for task=ppo)."""
+    """The adapted model, the prompts and the module, whose reference is a frozen copy where the method trains the
+    base weights (as train.py is to build them for task=ppo)."""
     from tunelab.methods import apply_method
 
     loaded = load_model(cfg.model, cfg.paths.cache_dir)
     model = apply_method(loaded.model, cfg.method, loaded.tokenizer)
     torch.manual_seed(cfg.seed)  # as seed_everything in train.py: rollouts sample from the run seed
     datamodule = PromptDataModule(data_cfg, loaded.tokenizer, cfg.paths.cache_dir)
-    reference = reference_copy(model, cfg.method.name)
-    module = PPOModule(model, loaded.tokenizer, cfg.task, cfg.method.name == "full", reward_fn, reference)
+    method = METHODS[cfg.method.name]
+    module = PPOModule(
+        model, loaded.tokenizer, cfg.task, method.trains_all_weights, reward_fn, method.trains_base_in_place
+    )
     return module, datamodule
 
 
 def ppo_trainer(cfg: DictConfig, module: PPOModule, callbacks: list) -> object:
-    from tunelab.train import build_trainer, instantiate_loggers
+    from tunelab.build import build_trainer, instantiate_loggers
 
     return build_trainer(cfg, module.model, callbacks, instantiate_loggers(cfg))
 
@@ -243,14 +247,15 @@ def test_value_head_trains_and_is_checkpointed(one_iteration, tmp_path):
 def test_reference_is_the_base_model_with_the_adapter_off(one_iteration):
     cfg, module, datamodule, _ = one_iteration
     batch = next(iter(datamodule.val_dataloader()[0]))
-    completions = module.complete(batch, sample=True)
+    completions = module.engine.complete(module.model, batch, sample=True)
     args = (completions.input_ids, completions.attention_mask, completions.labels)
-    reference = module.reference_logps(*args)
+    reference = module.engine.reference_logps(module.model, *args)
     base = load_model(cfg.model, cfg.paths.cache_dir).model.eval()
     with torch.no_grad():
         logits = base(input_ids=completions.input_ids, attention_mask=completions.attention_mask).logits
         policy, _, _ = module.policy_outputs(*args)
-    expected, mask = token_logps(logits[:, -completions.labels.shape[1] :] / module.temperature, completions.labels)
+    temperature = module.engine.temperature
+    expected, mask = token_logps(logits[:, -completions.labels.shape[1] :] / temperature, completions.labels)
     assert mask.equal(completions.mask)
     torch.testing.assert_close(reference, expected, atol=0, rtol=0)  # README: equals the adapter-free base model
     assert (policy - reference).abs().max() > 1e-3  # the trained adapter moved the policy away from it
@@ -259,7 +264,7 @@ def test_reference_is_the_base_model_with_the_adapter_off(one_iteration):
 def test_missing_eos_penalty_lowers_the_last_reward(one_iteration):
     cfg, module, datamodule, _ = one_iteration
     batch = next(iter(datamodule.val_dataloader()[0]))
-    completions = module.complete(batch, sample=True)
+    completions = module.engine.complete(module.model, batch, sample=True)
     assert not completions.ended.any()  # a random tiny model does not sample its EOS in 8 tokens
     scores = torch.zeros(len(completions.texts))
     free, _ = module.make_rollout(completions, scores)
@@ -293,10 +298,11 @@ def test_method_full_needs_a_frozen_reference(compose_cfg, tmp_path):
     cfg = compose_cfg(ppo_overrides(tmp_path, "method=full"))
     model = load_model(cfg.model, cfg.paths.cache_dir).model
     with pytest.raises(ConfigError, match="needs a frozen reference"):
-        PPOModule(model, None, cfg.task, True, completion_lengths)
-    reference = reference_copy(model, "full")
+        PPOModule(model, None, cfg.task, True, completion_lengths, trains_base_in_place=False)
+    assert METHODS["full"].trains_base_in_place and not METHODS["lora"].trains_base_in_place
+    reference = PPOModule(model, None, cfg.task, True, completion_lengths, True).engine.reference.frozen.model
     assert reference is not model and not any(param.requires_grad for param in reference.parameters())
-    assert reference_copy(model, "lora") is None
+    assert PPOModule(model, None, cfg.task, False, completion_lengths, False).engine.reference.frozen is None
 
 
 # --- reward model ------------------------------------------------------------------------------------------------
@@ -350,19 +356,26 @@ def reward_run(compose_cfg, run_dir: Path, tokenizer, task: str) -> Path:
     return run_dir / "adapter"
 
 
-def test_reward_model_path_must_be_a_reward_run(compose_cfg, tokenizer, tmp_path, cache_dir):
-    from tunelab.rewards.model import load_reward_model
+def reward_model(adapter: Path, cache_dir: Path):
+    """``task.reward.source=model`` as the PPO objective builds it (the export loaded by tunelab.runs)."""
+    from functools import partial
 
+    from tunelab.runs import load_export
+    from tunelab.tasks.ppo import build_reward_fn
+
+    reward_cfg = OmegaConf.create({"source": "model", "model_path": str(adapter)})
+    return build_reward_fn(reward_cfg, partial(load_export, cache_dir=str(cache_dir)))
+
+
+def test_reward_model_path_must_be_a_reward_run(compose_cfg, tokenizer, tmp_path, cache_dir):
     adapter = reward_run(compose_cfg, tmp_path / "sft_run", tokenizer, task="sft")
     with pytest.raises(ConfigError, match="is a task=sft run"):
-        load_reward_model(adapter, cache_dir)
+        reward_model(adapter, cache_dir)
 
 
 def test_reward_model_loads_from_a_reward_run(compose_cfg, tokenizer, tmp_path, cache_dir):
-    from tunelab.rewards.model import load_reward_model
-
     adapter = reward_run(compose_cfg, tmp_path / "reward_run", tokenizer, task="reward")
-    scorer = load_reward_model(adapter, cache_dir)
+    scorer = reward_model(adapter, cache_dir)
     expected = tiny_reward_model(tokenizer)
     ids = torch.tensor([scorer.conversation_ids("5", PLAIN)])
     with torch.no_grad():
@@ -388,7 +401,7 @@ def logged(output_dir: Path, key: str) -> list[float]:
 def test_short_run_raises_the_reward_with_a_finite_kl(compose_cfg, tmp_path):
     """The tiny random model's tied embeddings give it near-uniform logits that a LoRA on its blocks barely moves,
     so this run trains every weight (reference: a frozen copy) and samples at temperature 0.1."""
-    from tunelab.train import instantiate_callbacks
+    from tunelab.build import instantiate_callbacks
 
     cfg = compose_cfg(
         ppo_overrides(

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from omegaconf import OmegaConf
 
-from tunelab import config_checks
+from tunelab import trainer_config
 from tunelab.compat.lightning import BF16MixedPrecision
 from tunelab.config_checks import check_config
 from tunelab.errors import ConfigError
@@ -85,7 +85,7 @@ def test_every_combination_passes_or_is_refused_in_one_sentence(
     compose_cfg, tmp_path, monkeypatch, trainer, precision, fused
 ):
     """On a (pretended) GPU, only 16-mixed + fused AdamW + clipping outside DeepSpeed is refused, by name."""
-    monkeypatch.setattr(config_checks, "gpu_available", lambda: True)
+    monkeypatch.setattr(trainer_config, "gpu_available", lambda: True)
     cfg = compose_cfg(
         [
             f"trainer={trainer}",
@@ -104,7 +104,7 @@ def test_every_combination_passes_or_is_refused_in_one_sentence(
 
 
 def test_sixteen_mixed_with_fused_adamw_passes_the_checks_once_clipping_is_off(compose_cfg, tmp_path, monkeypatch):
-    monkeypatch.setattr(config_checks, "gpu_available", lambda: True)
+    monkeypatch.setattr(trainer_config, "gpu_available", lambda: True)
     cfg = compose_cfg(
         ["trainer=gpu", "trainer.precision=16-mixed", "trainer.gradient_clip_val=null", f"paths.output_dir={tmp_path}"]
     )

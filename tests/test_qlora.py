@@ -12,10 +12,9 @@ import torch
 from omegaconf import OmegaConf
 
 from tunelab.export import export_adapter, export_merged, load_exported, merged_copy
-from tunelab.methods import apply_method, quantization_config
+from tunelab.methods import METHODS, apply_method
 from tunelab.methods.inhouse import adapters_disabled
-from tunelab.methods.qlora import four_bit_layers
-from tunelab.models.loading import load_model
+from tunelab.models.loading import four_bit_layers, load_model
 
 from .conftest import CONFIGS
 from .method_helpers import (
@@ -41,7 +40,7 @@ def tiny_model_cfg():
 
 
 def quantized_base(cache_dir):
-    return load_model(tiny_model_cfg(), cache_dir, quantization_config=quantization_config(qlora_cfg()))
+    return load_model(tiny_model_cfg(), cache_dir, quantization_config=METHODS["qlora"].quantization(qlora_cfg()))
 
 
 def qlora_model(cache_dir):

@@ -11,42 +11,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from tunelab.build import build_components
 from tunelab.errors import ConfigError
-
-
-def locate_run(cfg: DictConfig) -> tuple[Path, DictConfig]:
-    """The run folder and its saved config, from ``ckpt_path`` or ``adapter_path``."""
-    if bool(cfg.ckpt_path) == bool(cfg.adapter_path):
-        raise ConfigError("give exactly one of ckpt_path=<run>/checkpoints/best.ckpt or adapter_path=<run>/adapter")
-    source = Path(cfg.ckpt_path or cfg.adapter_path)
-    if not source.exists():
-        raise ConfigError(f"{source} does not exist")
-    run_dir = source.parent.parent if cfg.ckpt_path else source.parent
-    config_file = run_dir / "config.yaml"
-    if not config_file.exists():
-        raise ConfigError(f"{config_file} not found: evaluate.py needs the run folder written by train.py")
-    return run_dir, OmegaConf.load(config_file)
-
-
-def load_adapter(run_cfg: DictConfig, adapter_dir: Path, cache_dir: str) -> tuple[Any, Any]:
-    """Model + tokenizer from an exported adapter (peft or in-house) or full model directory."""
-    from transformers import AutoTokenizer
-
-    from tunelab.export import load_exported
-    from tunelab.methods import quantization_config
-    from tunelab.methods.inhouse import is_inhouse_dir
-    from tunelab.models.loading import load_model, model_class, torch_dtype
-    from tunelab.train import task_head
-
-    head, labels = task_head(run_cfg)
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    if (adapter_dir / "adapter_config.json").exists() or is_inhouse_dir(adapter_dir):
-        quantization = quantization_config(run_cfg.method)
-        base = load_model(run_cfg.model, cache_dir, quantization_config=quantization, head=head, labels=labels).model
-        return load_exported(base, adapter_dir, tokenizer), tokenizer
-    return model_class(head).from_pretrained(adapter_dir, dtype=torch_dtype(run_cfg.model.dtype)), tokenizer
+from tunelab.registry import load_plugins
+from tunelab.runs import checkpoint_state, locate_run, model_from_export
 
 
 def markdown_report(run_dir: Path, split: str, metrics: dict[str, float], samples: list[dict[str, str]]) -> str:
@@ -70,9 +40,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Rebuild the run, score the chosen split, write report.json / report.md; return the metrics."""
     import lightning.pytorch as pl
 
-    from tunelab.train import build_components, checkpoint_state
-
-    run_dir, run_cfg = locate_run(cfg)
+    run_dir, run_cfg = locate_run(cfg.ckpt_path, cfg.adapter_path)
+    load_plugins(run_cfg.get("plugins") or ())
     split = cfg.split
     if split not in ("test", "val"):
         raise ConfigError(f"split={split!r} is not one of ['test', 'val']")
@@ -83,7 +52,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     components = build_components(run_cfg)
     module, datamodule = components["module"], components["datamodule"]
     if cfg.adapter_path:
-        model, _ = load_adapter(run_cfg, Path(cfg.adapter_path), cfg.paths.cache_dir)
+        model, _ = model_from_export(run_cfg, Path(cfg.adapter_path), cfg.paths.cache_dir)
         module.model = model
     else:
         module.load_state_dict(checkpoint_state(cfg.ckpt_path), strict=module.strict_loading)

@@ -17,7 +17,8 @@ import torch
 
 from tunelab.methods import is_peft_model
 from tunelab.methods.inhouse import is_inhouse, is_inhouse_dir, load_inhouse, save_inhouse
-from tunelab.methods.qlora import four_bit_layers, merge_dequantized
+from tunelab.methods.qlora import merge_dequantized
+from tunelab.models.loading import four_bit_layers
 
 
 def export_adapter(

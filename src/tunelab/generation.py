@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from tunelab.tasks.frozen import eval_mode
+from tunelab.models.frozen import eval_mode
 
 
 @torch.no_grad()

@@ -1,10 +1,9 @@
 """Keep the logging step equal to the optimizer step after a resume.
 
-Lightning restores its logger step (``_batches_that_stepped``) one short when a checkpoint was written
-after the last batch of an epoch, so the first resumed step repeats the previous step's label in CSV /
-W&B curves. With one optimizer under automatic optimization the logger step counts optimizer steps, i.e.
-equals ``trainer.global_step`` at every batch start; this callback re-establishes that on the first batch
-after a restore (Lightning's own adjustments have run by then).
+Lightning restores its logger step off by one when a validation at the last batch of an epoch wrote the
+checkpoint, so the resumed curves in CSV / W&B would repeat or skip a step label: this callback realigns it
+(:func:`tunelab.compat.lightning.realign_logging_step`, which names the Lightning versions) on the first batch
+after a restore, once Lightning's own adjustments have run.
 """
 
 from __future__ import annotations
@@ -12,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+
+from tunelab.compat.lightning import realign_logging_step
 
 
 class AlignLoggingStep(Callback):
@@ -22,6 +23,6 @@ class AlignLoggingStep(Callback):
         self._restored = True
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._restored and pl_module.automatic_optimization and len(trainer.optimizers) == 1:
-            trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+        if self._restored:
+            realign_logging_step(trainer, pl_module)
         self._restored = False

@@ -23,6 +23,7 @@ from lightning.pytorch import LightningDataModule
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
+from tunelab.compat.torch import loader_generator
 from tunelab.data.collate import (
     ClassificationCollator,
     EncodedLabeled,
@@ -160,11 +161,6 @@ class SplitDataModule(LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _loader_generator(self) -> torch.Generator:
-        """A private generator for the DataLoader's worker base seed: starting an epoch must not draw from
-        the global RNG, or dropout masks after a resume would differ from an uninterrupted run."""
-        return torch.Generator().manual_seed(self.cfg.seed)
-
     def num_train_batches(self) -> int:
         """Batches per epoch on this rank (all ranks see the same number)."""
         _rank, world = self._rank_and_world()
@@ -211,7 +207,7 @@ class SplitDataModule(LightningDataModule):
             sampler=self._sampler,
             collate_fn=self.train_collator() if sizes is None else BatchTotalCollator(self.train_collator()),
             num_workers=self.cfg.num_workers,
-            generator=self._loader_generator(),
+            generator=loader_generator(self.cfg.seed),
         )
 
     def _loader(self, items: list[Any], collate_fn: Any) -> DataLoader:
@@ -222,7 +218,7 @@ class SplitDataModule(LightningDataModule):
             batch_size=self.cfg.eval_batch_size,
             sampler=ResumableSampler(len(items), shuffle=False, seed=0, rank=rank, world_size=world, pad=False),
             collate_fn=collate_fn,
-            generator=self._loader_generator(),
+            generator=loader_generator(self.cfg.seed),
         )
 
     def ordered_loader(self, split: str) -> DataLoader:

@@ -11,15 +11,19 @@ unknown role; the loader adds the file and line. A field whose value is ``None``
   ``from`` in human / gpt / system; the last turn is the assistant's answer, the turn before it the user's.
 - ``medqa``: ``question`` + ``options`` (letter -> text, or a list of texts lettered A, B, ...) +
   ``answer_idx`` (checked against ``answer`` when present) -> ``"<letter>. <option text>"``.
+
+Each is a :class:`DataFormat` in :data:`FORMATS`; a plugin registers its own converter the same way.
 """
 
 from __future__ import annotations
 
 import string
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from tunelab.errors import DataError
+from tunelab.registry import Registry
 
 Message = dict[str, str]
 Converted = tuple[tuple[Message, ...], str]
@@ -124,8 +128,18 @@ def convert_medqa(row: Mapping[str, Any]) -> Converted:
     return ({"role": "user", "content": "\n".join(lines)},), f"{answer_idx}. {options[answer_idx]}"
 
 
-FORMATS: dict[str, Converter] = {
-    "alpaca": convert_alpaca,
-    "messages": convert_messages,
-    "medqa": convert_medqa,
-}
+@dataclass(frozen=True)
+class DataFormat:
+    """One ``data.format`` of instruction data: ``convert(row) -> (prompt messages, response)``."""
+
+    name: str
+    convert: Converter
+
+
+FORMATS: Registry[DataFormat] = Registry("data.format")
+for entry in (
+    DataFormat("alpaca", convert_alpaca),
+    DataFormat("messages", convert_messages),
+    DataFormat("medqa", convert_medqa),
+):
+    FORMATS.register(entry)

@@ -155,13 +155,13 @@ def load_examples(
     """
     if fmt not in FORMATS:
         raise DataError(f"unknown data format {fmt!r}; expected one of {list(FORMATS)}")
+    convert = FORMATS[fmt].convert
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error={on_error!r} is not one of {list(ON_ERROR)}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit} must be None or >= 1")
     path = Path(path)
     records, lines = read_records(path, cache_dir)
-    convert = FORMATS[fmt]
     result = LoadResult(examples=[])
     for index, row in enumerate(records):
         line, record = (lines[index], None) if lines else (None, index + 1)

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from tunelab.errors import ConfigError
 from tunelab.methods.inhouse import Bottleneck, attach, out_features, remember_method, sublayers
+from tunelab.methods.spec import METHODS, Method
 
 POSITIONS = ("attention_output", "ffn_output")
 
@@ -55,3 +56,11 @@ def adapt_adapter(model: torch.nn.Module, method_cfg: DictConfig, tokenizer: Any
         add_bottlenecks(model, method_cfg, position)
     freeze_all_but_branches(model, method_cfg.train_norms)
     return remember_method(model, method_cfg)
+
+
+def adapter_sublayers(method_cfg: DictConfig) -> list[str]:
+    """The sublayers a bottleneck follows: ``method.positions``."""
+    return list(method_cfg.positions)
+
+
+METHODS.register(Method(name="adapter", adapt=adapt_adapter, sublayers=adapter_sublayers))

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from tunelab.errors import ConfigError
+from tunelab.methods.spec import METHODS, Method
 
 MISSING_BIASES = ("add", "fail")
 CONFIG_FLAGS = {"self_attn": "attention_bias", "mlp": "mlp_bias"}
@@ -64,3 +65,6 @@ def adapt_bitfit(model: torch.nn.Module, method_cfg: DictConfig, tokenizer: Any 
         if name.endswith(".bias") or is_norm_gain:
             param.requires_grad_(True)
     return model
+
+
+METHODS.register(Method(name="bitfit", adapt=adapt_bitfit, trains_base_in_place=True))

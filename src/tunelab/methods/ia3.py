@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 from tunelab.methods.peft_task import module_names, peft_task_type
+from tunelab.methods.spec import METHODS, Method
 
 
 def adapt_ia3(model: torch.nn.Module, method_cfg: DictConfig, tokenizer: Any = None) -> torch.nn.Module:
@@ -25,3 +26,6 @@ def adapt_ia3(model: torch.nn.Module, method_cfg: DictConfig, tokenizer: Any = N
         feedforward_modules=module_names(method_cfg.feedforward_modules),
     )
     return get_peft_model(model, config)
+
+
+METHODS.register(Method(name="ia3", adapt=adapt_ia3))

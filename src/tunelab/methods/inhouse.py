@@ -29,6 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from tunelab.compat.peft import disable_adapter
 from tunelab.errors import ConfigError
 
 WEIGHTS_FILE = "tunelab_adapter.safetensors"
@@ -212,38 +213,11 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     for branch in switched:
         branch.enabled = False
     try:
-        with _peft_disabled(model):
+        with disable_adapter(model):
             yield model
     finally:
         for branch in switched:
             branch.enabled = True
-
-
-@contextlib.contextmanager
-def _peft_disabled(model: nn.Module) -> Iterator[None]:
-    """peft's ``disable_adapter``, except for soft prompts on models that cannot generate (BERT classifiers):
-    there peft 0.21 crashes looking up ``prepare_inputs_for_generation`` and would keep the trained copy of
-    the classification head, so the forward is routed to the base model and the head copies switched off here.
-    """
-    if not hasattr(model, "peft_config"):
-        yield
-        return
-    if not model.active_peft_config.is_prompt_learning or hasattr(model.base_model, "prepare_inputs_for_generation"):
-        with model.disable_adapter():
-            yield
-        return
-    from peft.utils.other import AuxiliaryTrainingWrapper
-
-    wrappers = [module for module in model.modules() if isinstance(module, AuxiliaryTrainingWrapper)]
-    model.forward = model.base_model.forward
-    for wrapper in wrappers:
-        wrapper.enable_adapters(False)
-    try:
-        yield
-    finally:
-        del model.forward  # back to the class's forward
-        for wrapper in wrappers:
-            wrapper.enable_adapters(True)
 
 
 def remember_method(model: nn.Module, method_cfg: DictConfig) -> nn.Module:

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from tunelab.errors import ConfigError
 from tunelab.methods.peft_task import module_names, peft_task_type
+from tunelab.methods.spec import METHODS, Method
 
 
 def lora_config(method_cfg: DictConfig, task_type: str):
@@ -42,3 +43,6 @@ def adapt_lora(model: torch.nn.Module, method_cfg: DictConfig, tokenizer: Any = 
         return get_peft_model(model, config)
     except ValueError as error:
         raise ConfigError(f"method=lora: {error}") from error
+
+
+METHODS.register(Method(name="lora", adapt=adapt_lora))

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from tunelab.methods.adapter import add_bottlenecks
 from tunelab.methods.inhouse import remember_method, train_branches
 from tunelab.methods.prompt_learning import adapt_prefix
+from tunelab.methods.spec import METHODS, Method
 
 
 def adapt_mam(model: torch.nn.Module, method_cfg: DictConfig, tokenizer: Any = None) -> torch.nn.Module:
@@ -30,3 +31,6 @@ def adapt_mam(model: torch.nn.Module, method_cfg: DictConfig, tokenizer: Any = N
     model = adapt_prefix(model, method_cfg, tokenizer)
     train_branches(model)
     return remember_method(model, method_cfg)
+
+
+METHODS.register(Method(name="mam", adapt=adapt_mam, virtual_tokens=True, sublayers=lambda method_cfg: ["ffn"]))

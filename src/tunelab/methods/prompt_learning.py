@@ -29,6 +29,8 @@ from omegaconf import DictConfig
 from tunelab.compat.peft import expose_past_key_values
 from tunelab.errors import ConfigError
 from tunelab.methods.peft_task import peft_task_type
+from tunelab.methods.spec import METHODS, Method
+from tunelab.models.loading import ENCODER_MODEL_TYPES, declared_model_type
 
 PROMPT_INITS = ("random", "vocab", "text")
 PREFIX_INITS = ("random", "text")
@@ -139,3 +141,24 @@ def adapt_prefix(model: torch.nn.Module, method_cfg: DictConfig, tokenizer: Any 
             raise ConfigError("method.prefix_init=text needs the model's tokenizer")
         init_prefix_from_text(peft_model, tokenizer, method_cfg.prefix_init_text)
     return peft_model
+
+
+def check_inputs_reach_the_head(cfg: DictConfig, head: str) -> None:
+    """Prompt tuning and P-tuning prepend virtual tokens to the inputs; a decoder's sequence-classification head
+    scores the last non-pad token, which peft's virtual-token inputs hide."""
+    model_type = declared_model_type(cfg.model)
+    if head == "sequence_classification" and model_type not in ENCODER_MODEL_TYPES:
+        raise ConfigError(
+            f"method={cfg.method.name} cannot feed task={cfg.task.name} on the decoder model={cfg.model.name}: its "
+            "head scores the last non-pad token, which peft's virtual-token inputs hide; use an encoder "
+            "(model=minilm_l6) or method=prefix / ptuning_v2 / lora"
+        )
+
+
+for entry in (
+    Method(name="prompt", adapt=adapt_prompt, virtual_tokens=True, check=check_inputs_reach_the_head),
+    Method(name="ptuning", adapt=adapt_ptuning, virtual_tokens=True, check=check_inputs_reach_the_head),
+    Method(name="prefix", adapt=adapt_prefix, virtual_tokens=True),
+    Method(name="ptuning_v2", adapt=adapt_prefix, virtual_tokens=True),
+):
+    METHODS.register(entry)

@@ -7,10 +7,10 @@ precision). Merging folds B A into a *dequantized* copy of W, so the merged mode
 transformers model whose logits differ from the 4-bit adapter model's by the dequantization rounding
 (measured in tests/test_qlora.py). peft + bitsandbytes do the work; this file configures and guards them.
 
-CPU trap (bitsandbytes 0.50, CPUs with avx512_bf16): an eval-mode no-grad forward repacks each 4-bit
-weight in place, after which gradients through the 4-bit layers are silently zero (and inference numerics
-change by ~1e-3). :func:`keep_cpu_kernels_trainable` switches that repacking off on every 4-bit layer; the
-model loader calls it on every quantized load, :func:`adapt_qlora` again on the model it is given.
+CPU trap (CPUs with avx512_bf16): after an evaluation pass bitsandbytes stops gradients through its 4-bit
+layers (:func:`tunelab.compat.bitsandbytes.disable_cpu_repacking` names the versions).
+:func:`keep_cpu_kernels_trainable` switches that off on every 4-bit layer; the model loader calls it on every
+quantized load, :func:`adapt_qlora` again on the model it is given.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from omegaconf import DictConfig
 from tunelab.errors import ConfigError
 from tunelab.methods.lora import lora_config
 from tunelab.methods.peft_task import peft_task_type
+from tunelab.methods.spec import METHODS, Method
+from tunelab.models.loading import keep_cpu_kernels_trainable
+from tunelab.trainer_config import shards_parameters
 
 QUANT_TYPES = ("nf4", "fp4")
 QUANT_STORAGE = ("uint8", "float32", "bfloat16", "float16")
@@ -46,20 +49,6 @@ def qlora_quantization_config(method_cfg: DictConfig) -> Any:
         bnb_4bit_compute_dtype=torch_dtype(method_cfg.compute_dtype),
         bnb_4bit_quant_storage=getattr(torch, method_cfg.quant_storage),
     )
-
-
-def four_bit_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    import bitsandbytes as bnb
-
-    return [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
-
-
-def keep_cpu_kernels_trainable(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Switch off bitsandbytes' eval-time CPU weight repacking on every 4-bit layer; return those layers."""
-    layers = four_bit_layers(model)
-    for layer in layers:
-        layer.support_avx512bf16_for_cpu = False
-    return layers
 
 
 def adapt_qlora(model: torch.nn.Module, method_cfg: DictConfig, tokenizer: Any = None) -> torch.nn.Module:
@@ -116,3 +105,15 @@ def merge_dequantized(model: torch.nn.Module, dtype: torch.dtype = torch.float32
             base.set_submodule(name, dense_copy(module, dequantized_weight(module, dtype)))
     base.hf_quantizer.remove_quantization_config(base)
     return base.to(dtype)
+
+
+def check_qlora(cfg: DictConfig, head: str) -> None:
+    """Sharded strategies flatten parameters in one float dtype: the 4-bit storage must be that dtype."""
+    if shards_parameters(cfg.trainer) and cfg.method.quant_storage == "uint8":
+        raise ConfigError(
+            "method=qlora with a sharded strategy (FSDP / ZeRO-3) needs 4-bit weights stored in the float dtype "
+            "the shards are flattened in: set method.quant_storage=bfloat16 (or the model dtype)"
+        )
+
+
+METHODS.register(Method(name="qlora", adapt=adapt_qlora, quantization=qlora_quantization_config, check=check_qlora))

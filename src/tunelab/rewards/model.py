@@ -15,11 +15,9 @@ reaches it); :meth:`RewardModelScorer.to` moves it beside the policy.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from torch.nn.utils.rnn import pad_sequence
 
 from tunelab.data.prompts import prompt_turns
@@ -57,18 +55,3 @@ class RewardModelScorer:
         attention_mask = pad_sequence([torch.ones_like(row) for row in rows], batch_first=True, padding_value=0)
         logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
         return logits[:, 0].float().cpu()
-
-
-def load_reward_model(adapter_dir: str | Path, cache_dir: str | Path) -> RewardModelScorer:
-    """The scorer of a task=reward run's export (``<run>/adapter``: peft adapter or full model; the base model and
-    method come from the run's ``config.yaml``, as :func:`tunelab.evaluate.load_adapter` rebuilds them)."""
-    from tunelab.evaluate import load_adapter, locate_run
-
-    _, run_cfg = locate_run(DictConfig({"ckpt_path": None, "adapter_path": str(adapter_dir)}))
-    if run_cfg.task.name != "reward":
-        raise ConfigError(
-            f"task.reward.model_path={adapter_dir} is a task={run_cfg.task.name} run; a reward model comes from a "
-            "task=reward run's adapter/ folder"
-        )
-    model, tokenizer = load_adapter(run_cfg, Path(adapter_dir), str(cache_dir))
-    return RewardModelScorer(model, tokenizer)

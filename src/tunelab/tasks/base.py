@@ -1,5 +1,5 @@
-"""What every task module shares: the optimizer and schedule over the whole run, and checkpoints that hold
-only the trained tensors of a parameter-efficient method."""
+"""What every task module shares: the optimizer and schedule over the whole run, checkpoints that hold only the
+trained tensors of a parameter-efficient method, and the validation / test loop around a task's metrics."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from tunelab.tasks.optim import build_optimizer
 
 
 class TaskModule(LightningModule):
-    """Base of the task modules: ``self.model`` is the adapted backbone, ``self.cfg`` the task config."""
+    """Base of the task modules: ``self.model`` is the adapted backbone, ``self.cfg`` the task config. Validation
+    and test run the same evaluation under their own prefix: a subclass defines :meth:`_eval_step` and
+    :meth:`_eval_epoch_end` for a stage (``"val"`` or ``"test"``)."""
 
     def __init__(self, model: torch.nn.Module, task_cfg: DictConfig, trains_all_weights: bool) -> None:
         super().__init__()
@@ -38,15 +40,10 @@ class TaskModule(LightningModule):
         self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
     ) -> None:
         """Lightning's clipping, except under FSDP, whose root clips by the norm over every rank's shards
-        (Lightning's FSDP precision refuses ``norm`` clipping)."""
-        from torch.distributed.fsdp import FullyShardedDataParallel
+        (Lightning's FSDP precision refuses ``norm`` clipping: :func:`tunelab.compat.lightning.clip_gradients`)."""
+        from tunelab.compat.lightning import clip_gradients
 
-        root = self.trainer.strategy.model
-        clips_norm = gradient_clip_val and gradient_clip_algorithm in (None, "norm")
-        if isinstance(root, FullyShardedDataParallel) and clips_norm:
-            root.clip_grad_norm_(gradient_clip_val)
-            return
-        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def trained_names(self) -> set[str]:
         """State-dict names of the tensors this module trains (as an unwrapped module names them)."""
@@ -71,3 +68,23 @@ class TaskModule(LightningModule):
                 f"checkpoint lacks {len(missing)} trainable tensors of this method (e.g. {missing[0]}); "
                 "was it written with another method= or model=?"
             )
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("test", batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def _eval_step(self, stage: str, batch: Any, dataloader_idx: int = 0) -> None:
+        """Update the metrics of ``stage`` with one batch of its evaluation dataloader ``dataloader_idx``."""
+        raise NotImplementedError
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        """Log the metrics of ``stage`` over the epoch's batches under ``<stage>/``, then reset them."""
+        raise NotImplementedError

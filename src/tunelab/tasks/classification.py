@@ -20,8 +20,10 @@ from omegaconf import DictConfig, ListConfig
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
+from tunelab.data.datamodule import ClassificationDataModule
 from tunelab.errors import ConfigError
 from tunelab.tasks.base import TaskModule
+from tunelab.tasks.objective import OBJECTIVES, BuildContext, Objective, labeled_head
 
 
 def class_weights(setting: Any, counts: Sequence[int]) -> torch.Tensor | None:
@@ -80,7 +82,7 @@ class ClassificationModule(TaskModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
         return loss
 
-    def _eval_step(self, stage: str, batch: dict[str, torch.Tensor]) -> None:
+    def _eval_step(self, stage: str, batch: dict[str, torch.Tensor], dataloader_idx: int = 0) -> None:
         logits = self(batch["input_ids"], batch["attention_mask"])
         self.stage_loss[stage].update(self.loss(logits, batch["labels"]), weight=batch["labels"].shape[0])
         self.stage_metrics[stage].update(logits.argmax(-1), batch["labels"])
@@ -109,14 +111,15 @@ class ClassificationModule(TaskModule):
         """Confusion matrices of the last validation and test passes, for metrics.json."""
         return {"labels": self.labels, **{f"{stage}/confusion_matrix": m for stage, m in self.confusion.items()}}
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step("val", batch)
 
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
+def classification_datamodule(context: BuildContext) -> ClassificationDataModule:
+    return ClassificationDataModule(context.cfg.data, context.tokenizer, context.cfg.paths.cache_dir)
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step("test", batch)
 
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
+def build_classification(context: BuildContext) -> tuple[ClassificationDataModule, ClassificationModule]:
+    datamodule = classification_datamodule(context)
+    module = ClassificationModule(context.model, context.cfg.task, datamodule.labels, context.method.trains_all_weights)
+    return datamodule, module
+
+
+OBJECTIVES.register(Objective(name="classification", build=build_classification, head=labeled_head))

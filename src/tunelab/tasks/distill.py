@@ -16,17 +16,19 @@ set / same logit width): a mismatch is a :class:`ConfigError` naming the differe
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tunelab.errors import ConfigError
-from tunelab.tasks.classification import ClassificationModule
-from tunelab.tasks.frozen import FrozenModel
-from tunelab.tasks.sft import SFTModule, causal_lm_loss
+from tunelab.methods.spec import Method
+from tunelab.models.frozen import FrozenModel
+from tunelab.models.loading import torch_dtype
+from tunelab.tasks.classification import ClassificationModule, classification_datamodule
+from tunelab.tasks.objective import OBJECTIVES, BuildContext, Head, LoadRun, Objective
+from tunelab.tasks.sft import SFTModule, causal_lm_loss, sft_datamodule
 
 MISSING_TEACHER = "task=distill needs task.teacher.adapter_path=<teacher run>/adapter (train a teacher first)"
 
@@ -114,10 +116,10 @@ def check_same_vocabulary(teacher_tokenizer: Any, student_tokenizer: Any) -> Non
     )
 
 
-def check_same_outputs(teacher: torch.nn.Module, student: torch.nn.Module, objective: str) -> None:
-    """Same label set (classification) or same logit width (sft) in the same order."""
+def check_same_outputs(teacher: torch.nn.Module, student: torch.nn.Module, head: str) -> None:
+    """Same label set (a classification head) or same logit width (a language-model head) in the same order."""
     teacher_cfg, student_cfg = teacher.config, student.config
-    if objective == "classification":
+    if head == "sequence_classification":
         pairs = (teacher_cfg.id2label, student_cfg.id2label)
         what = "label sets"
     else:
@@ -127,24 +129,60 @@ def check_same_outputs(teacher: torch.nn.Module, student: torch.nn.Module, objec
         raise ConfigError(f"task=distill: teacher and student {what} differ: {pairs[0]} vs {pairs[1]}")
 
 
-def load_teacher(task_cfg: DictConfig, cache_dir: str) -> tuple[torch.nn.Module, Any]:
+def load_teacher(task_cfg: DictConfig, load_run: LoadRun) -> tuple[torch.nn.Module, Any]:
     """The trained teacher (model, tokenizer) from ``task.teacher.adapter_path``, in ``task.teacher.dtype``."""
-    from tunelab.evaluate import load_adapter, locate_run
-    from tunelab.models.loading import torch_dtype
-
     adapter_path = task_cfg.teacher.get("adapter_path")
     if not adapter_path:
-        raise ConfigError(
-            "task=distill needs task.teacher.adapter_path=<teacher run>/adapter (train the teacher first)"
-        )
-    _, run_cfg = locate_run(DictConfig({"ckpt_path": None, "adapter_path": adapter_path}))
+        raise ConfigError(MISSING_TEACHER)
+    model, tokenizer, run_cfg = load_run(str(adapter_path))
     teacher_objective = run_cfg.task.get("objective", run_cfg.task.name)
     if teacher_objective != task_cfg.objective:
         raise ConfigError(
             f"task.teacher.adapter_path={adapter_path} is a task={teacher_objective} run; the student's "
             f"task.objective is {task_cfg.objective}"
         )
-    model, tokenizer = load_adapter(run_cfg, Path(adapter_path), cache_dir)
     if task_cfg.teacher.get("dtype"):
         model = model.to(torch_dtype(task_cfg.teacher.dtype))
     return model, tokenizer
+
+
+def load_checked_teacher(context: BuildContext) -> Teacher:
+    """The frozen teacher, after checking it speaks the student's vocabulary and outputs."""
+    teacher, teacher_tokenizer = load_teacher(context.cfg.task, context.load_run)
+    check_same_vocabulary(teacher_tokenizer, context.tokenizer)
+    check_same_outputs(teacher, context.model, distill_head(context.cfg)[0])
+    return Teacher(teacher)
+
+
+def classification_student(context: BuildContext, teacher: Teacher) -> tuple[Any, ClassificationDistillModule]:
+    datamodule = classification_datamodule(context)
+    args = (context.model, context.cfg.task, datamodule.labels, context.method.trains_all_weights)
+    return datamodule, ClassificationDistillModule(*args, teacher)
+
+
+def sft_student(context: BuildContext, teacher: Teacher) -> tuple[Any, SFTDistillModule]:
+    args = (context.model, context.tokenizer, context.cfg.task, context.method.trains_all_weights)
+    return sft_datamodule(context), SFTDistillModule(*args, teacher)
+
+
+# task.objective -> the data and distillation module of that student objective
+STUDENTS = {"classification": classification_student, "sft": sft_student}
+
+
+def distill_head(cfg: DictConfig) -> Head:
+    """The student trains the head of its ``task.objective``."""
+    if cfg.task.objective not in STUDENTS:
+        raise ConfigError(f"task.objective={cfg.task.objective!r} is not one of {sorted(STUDENTS)}")
+    return OBJECTIVES[cfg.task.objective].head(cfg)
+
+
+def check_distill(cfg: DictConfig, method: Method) -> None:
+    if OmegaConf.is_missing(cfg.task.teacher, "adapter_path"):
+        raise ConfigError(MISSING_TEACHER)
+
+
+def build_distill(context: BuildContext) -> tuple[Any, Any]:
+    return STUDENTS[context.cfg.task.objective](context, load_checked_teacher(context))
+
+
+OBJECTIVES.register(Objective(name="distill", build=build_distill, head=distill_head, check=check_distill))

@@ -8,148 +8,132 @@ With sequence log-probs of the reply tokens under the policy ``pi`` and a fixed 
 ``logps/accuracy`` and ``ref_logps/accuracy`` are the same ranking by the policy's and the reference's own
 log-probs (the reference's is the starting, e.g. SFT, model's: what DPO has to improve on).
 
-The reference (``task.reference``):
+The reference (``task.reference``, :class:`tunelab.tasks.reference.ReferenceModel`), scored in eval mode:
 
 - ``adapter_disabled``: the policy itself with its adapter switched off (peft or in-house methods): no copy.
 - ``copy``: a frozen copy of the policy as it starts (any method, also ``full``).
-- ``precomputed``: reference log-probs of every pair of every split, computed once before the first update
-  (adapter disabled, or the starting model for ``full`` / ``bitfit``) and cached on disk under
-  ``task.reference_cache_dir``, keyed by the model config and the encoded pairs: a ``beta`` sweep computes them once.
+- ``precomputed``: reference log-probs [N, 2] (chosen, rejected) of every pair of every split, computed once before
+  the first update (adapter disabled, or the starting model for ``full`` / ``bitfit``) and cached on disk under
+  ``task.reference_cache_dir``, keyed by the model config, ``average`` and the encoded pairs: a ``beta`` sweep
+  computes them once.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
-import logging
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from tunelab.data.datamodule import PreferenceDataModule
 from tunelab.errors import ConfigError
-from tunelab.methods import IN_PLACE_METHODS
-from tunelab.methods.inhouse import adapters_disabled
-from tunelab.tasks.frozen import FrozenModel, eval_mode
-from tunelab.tasks.pairwise import PairwiseModule, pair_statistics, split_pairs
+from tunelab.methods.spec import Method
+from tunelab.models.frozen import eval_mode
+from tunelab.tasks.objective import OBJECTIVES, BuildContext, Objective
+from tunelab.tasks.pairwise import PREFERENCE_DATA, PairwiseModule, pair_statistics, split_pairs
 from tunelab.tasks.preference_losses import DPO_LOSS_TYPES, dpo_loss, sequence_logps
+from tunelab.tasks.reference import ReferenceModel, check_reference
 
-log = logging.getLogger("tunelab.dpo")
-
-REFERENCES = ("adapter_disabled", "copy", "precomputed")
 STAGE_SPLITS = {"train": "train", "val": "val", "test": "test"}
 
 
-def reply_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], average: bool) -> torch.Tensor:
-    """``log p(reply | prompt)`` of every row [2B] (summed over reply tokens, or their mean if ``average``)."""
-    input_ids = batch["input_ids"]
-    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"]).logits
-    return sequence_logps(logits[:, -input_ids.shape[1] :], batch["labels"], average=average)
+def reply_logps(logits: torch.Tensor, batch: dict[str, torch.Tensor], average: bool) -> torch.Tensor:
+    """``log p(reply | prompt)`` of every row [2B] from the ``logits`` of a forward over the batch (summed over
+    reply tokens, or their mean if ``average``; positions a soft prompt prepends are cut off)."""
+    return sequence_logps(logits[:, -batch["input_ids"].shape[1] :], batch["labels"], average=average)
 
 
-def check_dpo_config(task_cfg: DictConfig, method: str) -> None:
-    """task=dpo settings that cannot work, refused with one sentence (before any weights load, and again by the
-    module): the loss type, label smoothing outside sigmoid DPO, and the reference for the method."""
+def check_dpo_loss(task_cfg: DictConfig) -> None:
+    """The loss type, and label smoothing only for sigmoid DPO."""
     if task_cfg.loss_type not in DPO_LOSS_TYPES:
         raise ConfigError(f"task.loss_type={task_cfg.loss_type!r} is not one of {list(DPO_LOSS_TYPES)}")
     if task_cfg.label_smoothing and task_cfg.loss_type != "sigmoid":
         raise ConfigError(
             f"task.label_smoothing={task_cfg.label_smoothing} (conservative DPO) applies to loss_type=sigmoid only"
         )
-    reference = task_cfg.reference
-    if reference not in REFERENCES:
-        raise ConfigError(f"task.reference={reference!r} is not one of {list(REFERENCES)}")
-    if reference == "adapter_disabled" and method in IN_PLACE_METHODS:
-        raise ConfigError(
-            f"task.reference=adapter_disabled needs an adapter to switch off, but method={method} trains the model's "
-            "own weights: use task.reference=copy or precomputed"
-        )
+
+
+def check_dpo_config(cfg: DictConfig, method: Method) -> None:
+    """task=dpo settings that cannot work, refused with one sentence before any weights load (the module refuses
+    them again): :func:`check_dpo_loss`, and the reference for the method."""
+    check_dpo_loss(cfg.task)
+    check_reference(cfg.task.reference, method.trains_base_in_place, f"method={method.name}")
 
 
 class DPOModule(PairwiseModule):
-    def __init__(self, model: torch.nn.Module, task_cfg: DictConfig, method: str, identity: str) -> None:
-        """``method`` is the method's name; ``identity`` names the reference model for the on-disk cache (e.g. the
-        model config as JSON)."""
-        trains_all_weights = method == "full"
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        task_cfg: DictConfig,
+        trains_all_weights: bool,
+        trains_base_in_place: bool,
+        identity: str,
+    ) -> None:
+        """``trains_base_in_place``: the method updates the base weights themselves (no adapter to switch off);
+        ``identity`` names the reference model for the on-disk cache (e.g. the model config as JSON)."""
         super().__init__(
             model,
             task_cfg,
             trains_all_weights,
             extra_statistics=("logps/chosen", "logps/rejected", "logps/accuracy", "ref_logps/accuracy"),
         )
-        check_dpo_config(task_cfg, method)
-        self.in_place = method in IN_PLACE_METHODS
+        check_dpo_loss(task_cfg)
         average = task_cfg.average_logps
         self.average = task_cfg.loss_type == "ipo" if average is None else bool(average)
-        self.frozen_copy = FrozenModel(copy.deepcopy(model)) if task_cfg.reference == "copy" else None
-        self.identity = identity
-        self.cached: dict[str, torch.Tensor] = {}  # split -> [N, 2] reference log-probs (chosen, rejected)
+        self.reference = ReferenceModel(
+            model,
+            trains_base_in_place=trains_base_in_place,
+            source=task_cfg.reference,
+            cache_dir=task_cfg.reference_cache_dir,
+            identity=identity,
+        )
 
     @torch.no_grad()
     def live_reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Reference log-probs [2B] computed now: the frozen copy, or the policy in eval mode with adapters off
-        (``full`` / ``bitfit`` with ``precomputed``: the policy as it is, only right before the first update)."""
-        if self.frozen_copy is not None:
-            return reply_logps(self.frozen_copy.on(self.device), batch, self.average)
+        """Reference log-probs [2B] computed now, with the policy in eval mode (``full`` / ``bitfit`` with
+        ``precomputed``: the policy as it is, only right before the first update)."""
         with eval_mode(self.model):
-            if self.in_place:
-                return reply_logps(self.model, batch, self.average)
-            with adapters_disabled(self.model):
-                return reply_logps(self.model, batch, self.average)
+            logits = self.reference.logits(self.model, batch["input_ids"], batch["attention_mask"])
+        return reply_logps(logits, batch, self.average)
 
     def reference_logps(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        if self.cfg.reference != "precomputed":
+        if not self.reference.precomputed:
             return self.live_reference_logps(batch)
         split = STAGE_SPLITS[stage]
-        if split not in self.cached:
-            self.cached.update(self.precompute_all())
-        table = self.cached[split][batch["index"].cpu()].to(self.device)
+        if split not in self.reference.tables:
+            self.precompute_all()
+        table = self.reference.tables[split][batch["index"].cpu()].to(self.device)
         return torch.cat([table[:, 0], table[:, 1]])
 
-    def cache_path(self, split: str, pairs: list[dict[str, Any]]) -> Path:
-        """``<reference_cache_dir>/<split>-<key>.pt``; the key hashes the model identity and the encoded pairs."""
-        digest = hashlib.sha256(json.dumps([self.identity, self.average]).encode())
-        for pair in pairs:
-            for reply in (pair["chosen"], pair["rejected"]):
-                digest.update(json.dumps([reply.input_ids, reply.labels]).encode())
-        return Path(self.cfg.reference_cache_dir) / f"{split}-{digest.hexdigest()[:20]}.pt"
+    def precompute_all(self) -> None:
+        """Reference log-probs of every split, from the disk cache or computed (and written) now; the cache key
+        covers ``average`` and each reply's encoded ``input_ids`` and ``labels``."""
+        for split, pairs in self.trainer.datamodule.splits.items():
+            self.reference.load_or_compute(
+                split,
+                (self.average,),
+                ([reply.input_ids, reply.labels] for pair in pairs for reply in (pair["chosen"], pair["rejected"])),
+                partial(self._compute_table, pairs),
+                updated=self.trainer.global_step > 0,
+                rank=self.global_rank,
+            )
 
-    def precompute_all(self) -> dict[str, torch.Tensor]:
-        """Reference log-probs of every split, from the disk cache or computed (and written) now."""
+    def _compute_table(self, pairs: list[dict[str, Any]]) -> torch.Tensor:
+        """[N, 2] live reference log-probs (chosen, rejected) of the pairs, row ``i`` for the pair of index ``i``."""
         datamodule = self.trainer.datamodule
-        tables = {}
-        for split, pairs in datamodule.splits.items():
-            path = self.cache_path(split, pairs)
-            if path.exists():
-                tables[split] = torch.load(path)
-                continue
-            if self.in_place and self.trainer.global_step > 0:
-                raise ConfigError(
-                    f"task.reference=precomputed: {path} is missing and the method has already updated the model "
-                    "(a resumed run); restore the cache or start the run again"
-                )
-            tables[split] = self._compute_table(pairs, datamodule.collator())
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(f".{self.global_rank}.tmp")
-            torch.save(tables[split], partial)
-            partial.replace(path)
-            log.info("Reference log-probs of %d %s pairs cached in %s", len(pairs), split, path)
-        return tables
-
-    def _compute_table(self, pairs: list[dict[str, Any]], collate: Any) -> torch.Tensor:
         table = torch.zeros(len(pairs), 2)
-        batch_size = self.trainer.datamodule.cfg.eval_batch_size
-        for batch in DataLoader(pairs, batch_size=batch_size, collate_fn=collate):
+        for batch in DataLoader(pairs, batch_size=datamodule.cfg.eval_batch_size, collate_fn=datamodule.collator()):
             moved = {k: v.to(self.device) for k, v in batch.items()}
             chosen, rejected = split_pairs(self.live_reference_logps(moved).cpu())
             table[batch["index"]] = torch.stack([chosen, rejected], dim=1)
         return table
 
     def pair_outputs(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        policy_chosen, policy_rejected = split_pairs(reply_logps(self.model, batch, self.average))
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        policy_chosen, policy_rejected = split_pairs(reply_logps(logits, batch, self.average))
         ref_chosen, ref_rejected = split_pairs(self.reference_logps(batch, stage))
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy_chosen,
@@ -170,3 +154,25 @@ class DPOModule(PairwiseModule):
             }
         )
         return losses, statistics
+
+
+def build_dpo(context: BuildContext) -> tuple[PreferenceDataModule, DPOModule]:
+    """Preference pairs and the DPO module; the reference's cache identity is the model config (as JSON)."""
+    cfg = context.cfg
+    identity = json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True)
+    datamodule = PreferenceDataModule(cfg.data, context.tokenizer, cfg.paths.cache_dir)
+    method = context.method
+    return datamodule, DPOModule(
+        context.model, cfg.task, method.trains_all_weights, method.trains_base_in_place, identity
+    )
+
+
+OBJECTIVES.register(
+    Objective(
+        name="dpo",
+        build=build_dpo,
+        data_kind="preference",
+        data_hint=PREFERENCE_DATA,
+        check=check_dpo_config,
+    )
+)

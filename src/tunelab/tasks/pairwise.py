@@ -10,14 +10,13 @@ plus the statistics a subclass names in ``extra_statistics``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from omegaconf import DictConfig
 from torchmetrics import MeanMetric
 
 from tunelab.tasks.base import TaskModule
 
+PREFERENCE_DATA = "data=arith_prefs or data=preference"  # data configs of kind preference, for refusals
 PAIR_STATISTICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
 
 
@@ -65,7 +64,7 @@ class PairwiseModule(TaskModule):
         self.log_dict({f"train/{k}": v for k, v in statistics.items()}, batch_size=pairs)
         return loss
 
-    def _eval_step(self, stage: str, batch: dict[str, torch.Tensor]) -> None:
+    def _eval_step(self, stage: str, batch: dict[str, torch.Tensor], dataloader_idx: int = 0) -> None:
         with torch.no_grad():
             losses, statistics = self.pair_outputs(batch, stage)
         values = {"loss": losses.mean(), **statistics}
@@ -78,15 +77,3 @@ class PairwiseModule(TaskModule):
         self.log_dict({f"{stage}/{k.replace('__', '/')}": m.compute() for k, m in metrics.items()}, prog_bar=False)
         for metric in metrics.values():
             metric.reset()
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step("val", batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step("test", batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")

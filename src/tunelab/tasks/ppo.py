@@ -6,8 +6,9 @@ The policy is the sampling distribution ``pi(a | s) = softmax(logits(s) / T)`` w
 (all of the vocabulary: ``top_k=0, top_p=1``); the reference ``pi_ref`` is scaled by the same ``T``. One training
 step is one PPO iteration on a batch of B prompts (manual optimisation):
 
-1. Rollout (eval mode, no gradient): sample up to ``task.rollout.max_new_tokens`` tokens per prompt. The response
-   mask ``m_t`` keeps the tokens up to and including the first EOS.
+1. Rollout (eval mode, no gradient; :class:`tunelab.tasks.rollout.RolloutEngine`): sample up to
+   ``task.rollout.max_new_tokens`` tokens per prompt. The response mask ``m_t`` keeps the tokens up to and including
+   the first EOS.
 2. Scores ``s_b = reward_fn(completions, records)`` of the decoded completions (as generated, special tokens left
    out) and the prompts' data records; minus ``task.missing_eos_penalty`` for a completion without EOS (``null``:
    no penalty).
@@ -20,8 +21,8 @@ step is one PPO iteration on a batch of B prompts (manual optimisation):
    global norm ``task.max_grad_norm``.
 5. One scheduler step: the schedule spans the run's rollout batches.
 
-The reference is ``reference`` when given (a frozen copy, for methods that change the base weights in place:
-:func:`reference_copy`), else the policy itself with its adapters switched off (:func:`adapters_disabled`), so
+The reference (:class:`tunelab.tasks.reference.ReferenceModel`) is a frozen copy for methods that change the base
+weights in place (``trains_base_in_place``), else the policy itself with its adapters switched off, so
 parameter-efficient methods need no second model. Every ``nn.Dropout`` of the policy is switched off (as trl does):
 the rollout's log-probs are exactly those of the policy being updated (the first ratio is 1).
 
@@ -33,9 +34,6 @@ prompt; ``val/reward_mean``, ``val/kl`` (mean over prompts of ``sum_t log pi(a_t
 greedy tokens: a log-ratio of the greedy answer, not a KL estimate, so it can be negative) and
 ``val/response_length``.
 
-Reward functions follow ``RewardFn``; one that holds a model may define ``to(device)``, called before each use so
-that model sits beside the policy (:class:`tunelab.rewards.model.RewardModelScorer` does).
-
 Steps: Lightning counts every optimizer step of manual optimisation in ``trainer.global_step``, so
 ``trainer.max_steps`` (and checkpoints ``every_n_train_steps``) count ``ppo_epochs * ceil(B / minibatch_size)`` per
 batch; the logger steps once per batch. Not supported: ``trainer.accumulate_grad_batches != 1`` and Lightning's
@@ -45,26 +43,19 @@ batch; the logger steps once per batch. Not supported: ``trainer.accumulate_grad
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from torchmetrics import MeanMetric
 
-from tunelab.data.prompts import prompt_turns
-from tunelab.data.tokenization import IGNORE_INDEX
+from tunelab.data.prompts import PromptDataModule, prompt_turns
 from tunelab.errors import ConfigError
-from tunelab.generation import generate_tokens
-from tunelab.methods import IN_PLACE_METHODS
-from tunelab.methods.inhouse import adapters_disabled
 from tunelab.tasks.base import TaskModule
-from tunelab.tasks.frozen import FrozenModel
+from tunelab.tasks.objective import OBJECTIVES, BuildContext, LoadRun, Objective
 from tunelab.tasks.optim import build_optimizer
 from tunelab.tasks.preference_losses import (
     clipped_policy_loss,
@@ -74,26 +65,12 @@ from tunelab.tasks.preference_losses import (
     kl_shaped_rewards,
     masked_mean,
     per_token_kl,
-    token_logps,
     whiten,
 )
+from tunelab.tasks.reference import ReferenceModel
+from tunelab.tasks.rollout import Completions, RewardFn, RolloutEngine
 
-RewardFn = Callable[[list[str], list[dict[str, Any]]], torch.Tensor]
 REWARD_SOURCES = ("verifiable", "model")
-
-
-def response_mask(response: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """True on each row's tokens up to and including its first ``eos_token_id`` (on all of them without one)."""
-    is_eos = response == eos_token_id
-    return (is_eos.cumsum(-1) - is_eos.long()) == 0
-
-
-def reference_copy(model: torch.nn.Module, method_name: str) -> torch.nn.Module | None:
-    """A frozen copy of ``model`` (taken before training) for methods that change the base weights in place
-    (``IN_PLACE_METHODS``); ``None`` for the others, whose base model returns with the adapters switched off."""
-    if method_name not in IN_PLACE_METHODS:
-        return None
-    return copy.deepcopy(model).eval().requires_grad_(False)
 
 
 def check_ppo_config(cfg: DictConfig) -> None:
@@ -122,34 +99,19 @@ def check_ppo_config(cfg: DictConfig) -> None:
         )
 
 
-def build_reward_fn(reward_cfg: DictConfig, cache_dir: str | Path) -> RewardFn:
-    """The reward of ``task.reward``: the data's verifiable scorer, or a trained reward model."""
+def build_reward_fn(reward_cfg: DictConfig, load_run: LoadRun) -> RewardFn:
+    """The reward of ``task.reward``: the data's verifiable scorer, or a trained reward model (a task=reward run's
+    export, loaded with ``load_run``)."""
     if reward_cfg.source == "model":
-        from tunelab.rewards.model import load_reward_model
+        from tunelab.rewards.model import RewardModelScorer
+        from tunelab.tasks.reward import check_reward_run
 
-        return load_reward_model(reward_cfg.model_path, cache_dir)
+        model, tokenizer, run_cfg = load_run(str(reward_cfg.model_path))
+        check_reward_run(run_cfg, str(reward_cfg.model_path))
+        return RewardModelScorer(model, tokenizer)
     from tunelab.rewards.verifiable import VerifiableReward
 
     return VerifiableReward()
-
-
-@dataclass
-class Completions:
-    """Prompts followed by the policy's generated tokens (no gradient)."""
-
-    input_ids: torch.Tensor  # [B, P + R] left-padded prompts, then R generated tokens
-    attention_mask: torch.Tensor  # [B, P + R] 0 on the prompts' padding
-    mask: torch.Tensor  # [B, R] bool: response tokens up to and including the first EOS
-    ended: torch.Tensor  # [B] bool: the completion has an EOS
-    texts: list[str]  # decoded response tokens (special tokens left out; not stripped)
-
-    @property
-    def labels(self) -> torch.Tensor:
-        """[B, R + 1] token_logps labels of the response: ``logits[:, -(R + 1) + t]`` predicts response token ``t``;
-        -100 on the first column and after each row's first EOS."""
-        tail = self.input_ids[:, -(self.mask.shape[1] + 1) :]
-        keep = torch.nn.functional.pad(self.mask, (1, 0), value=False)
-        return tail.masked_fill(~keep, IGNORE_INDEX)
 
 
 @dataclass
@@ -187,15 +149,21 @@ class PPOModule(TaskModule):
         task_cfg: DictConfig,
         trains_all_weights: bool,
         reward_fn: RewardFn,
-        reference: torch.nn.Module | None = None,
+        trains_base_in_place: bool,
     ) -> None:
+        """``trains_base_in_place``: the method updates the base weights themselves, so the reference is a frozen
+        copy of ``model`` taken now (else ``model`` with its adapters switched off)."""
         super().__init__(model, task_cfg, trains_all_weights)
-        if trains_all_weights and reference is None:
-            raise ConfigError("task=ppo with method=full needs a frozen reference: pass reference_copy(model, 'full')")
+        if trains_all_weights and not trains_base_in_place:
+            raise ConfigError("task=ppo with method=full needs a frozen reference: pass trains_base_in_place=True")
         self.automatic_optimization = False
-        self.tokenizer, self.reward_fn = tokenizer, reward_fn
-        self.reference = FrozenModel(reference) if reference is not None else None  # outside the module tree
-        self.temperature = float(task_cfg.rollout.temperature)
+        self.engine = RolloutEngine(
+            tokenizer,
+            reward_fn,
+            ReferenceModel(model, trains_base_in_place=trains_base_in_place),
+            temperature=float(task_cfg.rollout.temperature),
+            max_new_tokens=task_cfg.rollout.max_new_tokens,
+        )
         self.value_head = torch.nn.Linear(hidden_size(model), 1)
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
@@ -227,60 +195,16 @@ class PPOModule(TaskModule):
 
     # --- rollout ---------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def complete(self, batch: Mapping[str, Any], *, sample: bool) -> Completions:
-        """Completions of the batch's prompts in eval mode: sampled from ``pi`` or greedy."""
-        sampling = {"do_sample": True, "temperature": self.temperature, "top_k": 0, "top_p": 1.0} if sample else {}
-        output = generate_tokens(
-            self.model,
-            self.tokenizer,
-            batch["input_ids"],
-            batch["attention_mask"],
-            self.cfg.rollout.max_new_tokens,
-            **sampling,
-        )
-        response = output[:, batch["input_ids"].shape[1] :]
-        mask = response_mask(response, self.tokenizer.eos_token_id)
-        tokens = [row[keep].tolist() for row, keep in zip(response, mask, strict=True)]
-        return Completions(
-            input_ids=output,
-            attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(response)], dim=1),
-            mask=mask,
-            ended=(response == self.tokenizer.eos_token_id).any(-1),
-            texts=self.tokenizer.batch_decode(tokens, skip_special_tokens=True),
-        )
-
-    def score(self, completions: Completions, records: Sequence[dict[str, Any]]) -> torch.Tensor:
-        """``reward_fn`` of the completions, float32 [B] on this device."""
-        place = getattr(self.reward_fn, "to", None)
-        if callable(place):
-            place(self.device)
-        return self.reward_fn(completions.texts, list(records)).to(self.device, torch.float32)
-
     def policy_outputs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``log pi(a_t)`` [B, R] (0 off the response), values ``V(s_t)`` [B, R] and the scaled logits
         [B, R + 1, V] of the response positions (``labels``: see :attr:`Completions.labels`)."""
         output = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        width = labels.shape[1]  # counted from the end: soft-prompt methods prepend virtual positions
-        logits = output.logits[:, -width:] / self.temperature
-        logps, _ = token_logps(logits, labels)
-        hidden = output.hidden_states[-1][:, -width:-1]
+        logps, logits = self.engine.response_logps(output.logits, labels)
+        hidden = output.hidden_states[-1][:, -labels.shape[1] : -1]
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
         return logps, values, logits
-
-    @torch.no_grad()
-    def reference_logps(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
-        """``log pi_ref(a_t)`` [B, R] of the response tokens (0 off the response)."""
-        if self.reference is not None:
-            logits = self.reference.logits(input_ids, attention_mask)
-        else:
-            with adapters_disabled(self.model):
-                logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return token_logps(logits[:, -labels.shape[1] :] / self.temperature, labels)[0]
 
     @torch.no_grad()
     def make_rollout(self, completions: Completions, scores: torch.Tensor) -> tuple[Rollout, torch.Tensor]:
@@ -288,7 +212,8 @@ class PPOModule(TaskModule):
         args = (completions.input_ids, completions.attention_mask, completions.labels)
         old_logps, old_values, _ = self.policy_outputs(*args)
         mask = completions.mask
-        kl = per_token_kl(old_logps, self.reference_logps(*args))  # 0 off the response, as both log-probs
+        reference_logps = self.engine.reference_logps(self.model, *args)
+        kl = per_token_kl(old_logps, reference_logps)  # 0 off the response, as both log-probs
         if self.cfg.missing_eos_penalty is not None:
             scores = scores - self.cfg.missing_eos_penalty * (~completions.ended).to(scores.dtype)
         rewards = kl_shaped_rewards(scores, kl, mask, self.cfg.kl_coef)
@@ -331,8 +256,8 @@ class PPOModule(TaskModule):
             }
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        completions = self.complete(batch, sample=True)
-        scores = self.score(completions, batch["records"])
+        completions = self.engine.complete(self.model, batch, sample=True)
+        scores = self.engine.score(completions, batch["records"])
         rollout, kl = self.make_rollout(completions, scores)
         stats = self.update(rollout)
         self.lr_schedulers().step()
@@ -344,12 +269,12 @@ class PPOModule(TaskModule):
 
     # --- validation / test -----------------------------------------------------------------------------------
 
-    def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
-        completions = self.complete(batch, sample=False)
-        scores = self.score(completions, batch["records"])
+    def _eval_step(self, stage: str, batch: dict[str, Any], dataloader_idx: int = 0) -> None:
+        completions = self.engine.complete(self.model, batch, sample=False)
+        scores = self.engine.score(completions, batch["records"])
         args = (completions.input_ids, completions.attention_mask, completions.labels)
         logps, _, _ = self.policy_outputs(*args)
-        kl = per_token_kl(logps, self.reference_logps(*args))
+        kl = per_token_kl(logps, self.engine.reference_logps(self.model, *args))
         metrics = self.stage_metrics[stage]
         metrics["reward_mean"].update(scores)
         metrics["kl"].update(kl.sum(-1))
@@ -373,14 +298,23 @@ class PPOModule(TaskModule):
         for metric in metrics.values():
             metric.reset()
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("val", batch)
 
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
+def build_ppo(context: BuildContext) -> tuple[PromptDataModule, PPOModule]:
+    cfg, method = context.cfg, context.method
+    datamodule = PromptDataModule(cfg.data, context.tokenizer, cfg.paths.cache_dir)
+    reward_fn = build_reward_fn(cfg.task.reward, context.load_run)
+    module = PPOModule(
+        context.model, context.tokenizer, cfg.task, method.trains_all_weights, reward_fn, method.trains_base_in_place
+    )
+    return datamodule, module
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("test", batch)
 
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
+OBJECTIVES.register(
+    Objective(
+        name="ppo",
+        build=build_ppo,
+        data_kind="prompts",
+        data_hint="data=arith_prompts or data=prompts",
+        check=lambda cfg, method: check_ppo_config(cfg),
+    )
+)

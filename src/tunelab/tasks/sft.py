@@ -21,11 +21,13 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torchmetrics import MeanMetric
 
+from tunelab.data.datamodule import SFTDataModule
 from tunelab.data.tokenization import IGNORE_INDEX
 from tunelab.generation import generate_answers
 from tunelab.metrics.text import GeneratedLabelMetrics, GenerationMetrics, token_accuracy
 from tunelab.models.segment_attention import runs_segment_attention
 from tunelab.tasks.base import TaskModule
+from tunelab.tasks.objective import OBJECTIVES, BuildContext, Objective
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +99,7 @@ class SFTModule(TaskModule):
         self.log("train/loss", step_loss, prog_bar=True, batch_size=1)
         self._step_loss = 0.0
 
-    def _eval_step(self, stage: str, batch: dict[str, Any], dataloader_idx: int) -> None:
+    def _eval_step(self, stage: str, batch: dict[str, Any], dataloader_idx: int = 0) -> None:
         metrics = self.stage_metrics[stage]
         if dataloader_idx == 0:
             logits = self(batch["input_ids"], batch["attention_mask"])
@@ -136,14 +138,15 @@ class SFTModule(TaskModule):
         for metric in metrics.values():
             metric.reset()
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("val", batch, dataloader_idx)
 
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
+def sft_datamodule(context: BuildContext) -> SFTDataModule:
+    cfg = context.cfg
+    return SFTDataModule(cfg.data, context.tokenizer, cfg.paths.cache_dir, cfg.task.generation.num_samples)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("test", batch, dataloader_idx)
 
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
+def build_sft(context: BuildContext) -> tuple[SFTDataModule, SFTModule]:
+    module = SFTModule(context.model, context.tokenizer, context.cfg.task, context.method.trains_all_weights)
+    return sft_datamodule(context), module
+
+
+OBJECTIVES.register(Objective(name="sft", build=build_sft, packs=True))

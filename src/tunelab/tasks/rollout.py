@@ -1,0 +1,112 @@
+"""Rollouts of a policy on prompts, shared by the RL objectives (PPO today; GRPO-style objectives reuse it without
+deriving from :class:`~tunelab.tasks.ppo.PPOModule`): completions of a batch of prompts, their scores by a reward
+function, and the per-token log-probs of the completion tokens under the policy and under the reference.
+
+The policy is the sampling distribution ``pi(a | s) = softmax(logits(s) / T)`` with ``T = temperature`` (all of
+the vocabulary: ``top_k=0, top_p=1``); the reference ``pi_ref`` is scaled by the same ``T``. Completions are
+generated in eval mode without gradient; the response mask keeps each row's tokens up to and including its first
+EOS. Scores are ``reward_fn(texts, records)`` of the decoded completions (as generated, special tokens left out)
+and the prompts' data records.
+
+Reward functions follow :data:`RewardFn`; one that holds a model may define ``to(device)``, called before each use
+so that model sits beside the policy (:class:`tunelab.rewards.model.RewardModelScorer` does). The policy is passed
+to each call (see :mod:`tunelab.tasks.reference`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tunelab.data.tokenization import IGNORE_INDEX
+from tunelab.generation import generate_tokens
+from tunelab.tasks.preference_losses import token_logps
+from tunelab.tasks.reference import ReferenceModel
+
+RewardFn = Callable[[list[str], list[dict[str, Any]]], torch.Tensor]
+
+
+def response_mask(response: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """True on each row's tokens up to and including its first ``eos_token_id`` (on all of them without one)."""
+    is_eos = response == eos_token_id
+    return (is_eos.cumsum(-1) - is_eos.long()) == 0
+
+
+@dataclass
+class Completions:
+    """Prompts followed by the policy's generated tokens (no gradient)."""
+
+    input_ids: torch.Tensor  # [B, P + R] left-padded prompts, then R generated tokens
+    attention_mask: torch.Tensor  # [B, P + R] 0 on the prompts' padding
+    mask: torch.Tensor  # [B, R] bool: response tokens up to and including the first EOS
+    ended: torch.Tensor  # [B] bool: the completion has an EOS
+    texts: list[str]  # decoded response tokens (special tokens left out; not stripped)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """[B, R + 1] token_logps labels of the response: ``logits[:, -(R + 1) + t]`` predicts response token ``t``;
+        -100 on the first column and after each row's first EOS."""
+        tail = self.input_ids[:, -(self.mask.shape[1] + 1) :]
+        keep = torch.nn.functional.pad(self.mask, (1, 0), value=False)
+        return tail.masked_fill(~keep, IGNORE_INDEX)
+
+
+class RolloutEngine:
+    """Completions of prompts, their rewards, and their log-probs under the policy and the reference (module
+    docstring)."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        reward_fn: RewardFn,
+        reference: ReferenceModel,
+        *,
+        temperature: float,
+        max_new_tokens: int,
+    ) -> None:
+        self.tokenizer, self.reward_fn, self.reference = tokenizer, reward_fn, reference
+        self.temperature, self.max_new_tokens = temperature, max_new_tokens
+
+    @torch.no_grad()
+    def complete(self, policy: torch.nn.Module, batch: Mapping[str, Any], *, sample: bool) -> Completions:
+        """Completions of the batch's prompts (``input_ids`` / ``attention_mask``, left-padded) in eval mode:
+        sampled from ``pi`` or greedy."""
+        sampling = {"do_sample": True, "temperature": self.temperature, "top_k": 0, "top_p": 1.0} if sample else {}
+        output = generate_tokens(
+            policy, self.tokenizer, batch["input_ids"], batch["attention_mask"], self.max_new_tokens, **sampling
+        )
+        response = output[:, batch["input_ids"].shape[1] :]
+        mask = response_mask(response, self.tokenizer.eos_token_id)
+        tokens = [row[keep].tolist() for row, keep in zip(response, mask, strict=True)]
+        return Completions(
+            input_ids=output,
+            attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(response)], dim=1),
+            mask=mask,
+            ended=(response == self.tokenizer.eos_token_id).any(-1),
+            texts=self.tokenizer.batch_decode(tokens, skip_special_tokens=True),
+        )
+
+    def score(self, completions: Completions, records: Sequence[dict[str, Any]]) -> torch.Tensor:
+        """``reward_fn`` of the completions, float32 [B] on the completions' device."""
+        device = completions.input_ids.device
+        place = getattr(self.reward_fn, "to", None)
+        if callable(place):
+            place(device)
+        return self.reward_fn(completions.texts, list(records)).to(device, torch.float32)
+
+    def response_logps(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """From the logits of a forward over a completion: ``log pi(a_t)`` [B, R] (0 off the response) and the
+        response positions' logits divided by ``T`` [B, R + 1, V] (``labels``: :attr:`Completions.labels`; the
+        positions are counted from the end, as soft-prompt methods prepend virtual ones)."""
+        scaled = logits[:, -labels.shape[1] :] / self.temperature
+        return token_logps(scaled, labels)[0], scaled
+
+    @torch.no_grad()
+    def reference_logps(
+        self, policy: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """``log pi_ref(a_t)`` [B, R] of the response tokens (0 off the response)."""
+        return self.response_logps(self.reference.logits(policy, input_ids, attention_mask), labels)[0]
