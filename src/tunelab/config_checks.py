@@ -13,6 +13,7 @@ from tunelab.methods import METHODS
 from tunelab.methods.inhouse import check_family_supports
 from tunelab.methods.spec import Method
 from tunelab.models.loading import SOURCES, declared_model_type, torch_dtype
+from tunelab.registry import load_plugins
 from tunelab.tasks import OBJECTIVES
 from tunelab.tasks.objective import Objective, check_data_kind
 from tunelab.trainer_config import PRECISIONS, strategy_name
@@ -111,7 +112,9 @@ def check_trainer(cfg: DictConfig) -> None:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` with a one-line reason for a combination that cannot run here."""
+    """Raise :class:`ConfigError` with a one-line reason for a combination that cannot run here (after importing
+    the config's ``plugins``, whose entries it checks like the built-in ones)."""
+    load_plugins(cfg.get("plugins") or ())
     method, objective = METHODS[cfg.method.name], OBJECTIVES[cfg.task.name]
     SOURCES[cfg.model.source]
     torch_dtype(cfg.model.dtype)

@@ -26,7 +26,7 @@ def export_adapter(
 ) -> Path:
     """Save the adapter (peft, or in-house: weights + method config) or, for full fine-tuning and bitfit, the
     whole model (transformers) to ``directory``. ``state``: the tensors gathered from a sharded model
-    (:func:`tunelab.strategies.gathered_state_dict`), saved in place of ``model``'s local shards."""
+    (:func:`tunelab.strategies.gathered_for_export`), saved in place of ``model``'s local shards."""
     directory.mkdir(parents=True, exist_ok=True)
     if is_inhouse(model):
         save_inhouse(model, directory, state)

@@ -13,6 +13,7 @@ own file tests its name: the rest of the code asks the entry (its config check, 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Iterator, Sequence
 from importlib.metadata import entry_points
 from typing import Generic, Protocol, TypeVar
@@ -60,6 +61,13 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def import_submodules(package: str, path: Sequence[str]) -> None:
+    """Import every module of an axis package (``package``, its ``__path__``): each registers its entries, so a
+    new built-in entry is its file alone (plus its YAML)."""
+    for module in pkgutil.iter_modules(path):
+        importlib.import_module(f"{package}.{module.name}")
 
 
 def load_plugins(modules: Sequence[str] = ()) -> None:

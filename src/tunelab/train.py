@@ -13,7 +13,6 @@ from omegaconf import DictConfig
 
 from tunelab.build import build_components, build_trainer, instantiate_callbacks, instantiate_loggers
 from tunelab.config_checks import check_config
-from tunelab.registry import load_plugins
 from tunelab.runs import checkpoint_state, model_from_export
 from tunelab.trainer_config import shards_parameters
 
@@ -30,7 +29,6 @@ def run(cfg: DictConfig) -> float | None:
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the pipeline; return (metrics, objects) as the lightning-hydra-template does."""
-    load_plugins(cfg.get("plugins") or ())
     check_config(cfg)
     import lightning.pytorch as pl
 

@@ -1,7 +1,8 @@
 """The method axis: how a loaded backbone is adapted (which parameters train, which modules are added).
 
-Each method registers a :class:`~tunelab.methods.spec.Method` entry in :data:`METHODS` from its own file; the
-imports below are the registration list of the built-in ones (a plugin registers its own the same way).
+Each method registers a :class:`~tunelab.methods.spec.Method` entry in :data:`METHODS` from its own file; every
+module of this package is imported here, so a new method is its file and its YAML (a plugin registers its own
+entries the same way from its own package).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from tunelab.methods import adapter, bitfit, full, ia3, lora, mam, prompt_learning, qlora, unipelt  # noqa: F401
 from tunelab.methods.inhouse import check_family_supports
 from tunelab.methods.spec import METHODS
+from tunelab.registry import import_submodules
+
+import_submodules(__name__, __path__)
 
 
 def apply_method(model: torch.nn.Module, method_cfg: DictConfig, tokenizer: Any = None) -> torch.nn.Module:
