@@ -6,9 +6,11 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    from tunelab.errors import one_line_errors
     from tunelab.evaluate import evaluate
 
-    evaluate(cfg)
+    with one_line_errors():
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

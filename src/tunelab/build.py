@@ -69,7 +69,7 @@ def build_components(cfg: DictConfig) -> dict[str, Any]:
     report = parameter_report(model)
     log.info("method=%s: %s", cfg.method.name, report)
     print(f"[tunelab] method={cfg.method.name} model={cfg.model.name}: {report}", flush=True)
-    load_run = partial(load_export, cache_dir=cfg.paths.cache_dir)
+    load_run = partial(load_export, cache_dir=cfg.paths.cache_dir, trust_remote_code=cfg.model.trust_remote_code)
     datamodule, module = objective.build(BuildContext(cfg, model, loaded.tokenizer, method, load_run))
     return {
         "model": model,

@@ -1,7 +1,10 @@
 """``evaluate(cfg)``: score a trained checkpoint or adapter on the test (or val) split and write a report.
 
 The run folder (``<run>/checkpoints/x.ckpt`` or ``<run>/adapter``) holds the run's resolved ``config.yaml``,
-so the same model, method, data split and template are rebuilt; only evaluation knobs are overridden.
+so the same model, method, data split and template are rebuilt; only evaluation knobs are overridden. The folder
+is data, not code: a checkpoint that would run code when unpickled is refused before any model loads, and the
+model's own code (``model.trust_remote_code``) runs only when this command line says ``model.trust_remote_code=true``,
+whatever the run's config says.
 Writes ``report.json`` (metrics + samples) and ``report.md`` (a metrics table and sample generations).
 """
 
@@ -48,14 +51,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if "generation" in run_cfg.task:
         run_cfg.task.generation.update(cfg.generation)  # sample count / length; the run's label set stays
     run_cfg.paths.cache_dir = cfg.paths.cache_dir
+    run_cfg.model.trust_remote_code = cfg.model.trust_remote_code
+    state = checkpoint_state(cfg.ckpt_path) if cfg.ckpt_path else None
     pl.seed_everything(run_cfg.seed)
     components = build_components(run_cfg)
     module, datamodule = components["module"], components["datamodule"]
     if cfg.adapter_path:
-        model, _ = model_from_export(run_cfg, Path(cfg.adapter_path), cfg.paths.cache_dir)
-        module.model = model
+        module.model, _ = model_from_export(
+            run_cfg, Path(cfg.adapter_path), cfg.paths.cache_dir, trust_remote_code=cfg.model.trust_remote_code
+        )
     else:
-        module.load_state_dict(checkpoint_state(cfg.ckpt_path), strict=module.strict_loading)
+        module.load_state_dict(state, strict=module.strict_loading)
     if split == "val":
         datamodule.test_dataloader = datamodule.val_dataloader
     trainer = pl.Trainer(

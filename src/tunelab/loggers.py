@@ -4,10 +4,38 @@ from __future__ import annotations
 
 import netrc
 import os
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
+
+from tunelab.run_info import redact
+
 MODES = ("auto", "online", "offline", "disabled")
+
+
+class WandbLogger(LightningWandbLogger):
+    """Lightning's ``WandbLogger`` that hands W&B no secret (:func:`tunelab.run_info.redact`).
+
+    W&B stores with each run the command line it started from (``sys.argv``, read when the run starts, at the
+    first log) and the hyper-parameters Lightning logs; both go through ``redact`` here. The class keeps
+    Lightning's name: ``tunelab.train`` finishes a run's W&B loggers by that name."""
+
+    @property
+    def experiment(self) -> Any:
+        if self._experiment is not None:
+            return super().experiment
+        argv = sys.argv
+        sys.argv = redact(argv)
+        try:
+            return super().experiment
+        finally:
+            sys.argv = argv
+
+    def log_hyperparams(self, params: Mapping[str, Any]) -> None:
+        super().log_hyperparams(redact(params))
 
 
 def wandb_has_credentials() -> bool:
@@ -39,12 +67,11 @@ def wandb_logger(
     mode: str = "auto",
     group: str | None = None,
     tags: list[str] | None = None,
-) -> Any:
-    """A Lightning ``WandbLogger``; ``mode=auto`` logs online with credentials and offline without.
+) -> WandbLogger:
+    """A Lightning ``WandbLogger`` that writes no secret (:class:`WandbLogger`); ``mode=auto`` logs online
+    with credentials and offline without.
 
     ``group=None`` under ``-m`` becomes :func:`sweep_group` (each job is its own run, one group per sweep)."""
-    from lightning.pytorch.loggers import WandbLogger
-
     if mode not in MODES:
         raise ValueError(f"logger.wandb.mode={mode!r} is not one of {list(MODES)}")
     if mode == "auto":

@@ -18,22 +18,25 @@ DDP_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORL
 
 
 def run_job(cfg: DictConfig) -> float | None:
-    """``tunelab.train.run`` as one Hydra job; under ``-m``, DDP's extra ranks run this job only (below)."""
+    """``tunelab.train.run`` as one Hydra job; under ``-m``, DDP's extra ranks run this job only (below). A
+    tunelab error ends the job with one line (:func:`tunelab.errors.one_line_errors`)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from tunelab.errors import one_line_errors
     from tunelab.train import run
 
-    if HydraConfig.get().mode != RunMode.MULTIRUN:
-        return run(cfg)
-    check_launcher_fits_trainer(HydraConfig.get().launcher, cfg.trainer)
-    argv, env = list(sys.argv), {k: os.environ.get(k) for k in DDP_LAUNCH_ENV}
-    ddp_children_run_this_job()
-    try:
-        return run(cfg)
-    finally:
-        sys.argv = argv
-        release_ddp(env)
+    with one_line_errors():
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            return run(cfg)
+        check_launcher_fits_trainer(HydraConfig.get().launcher, cfg.trainer)
+        argv, env = list(sys.argv), {k: os.environ.get(k) for k in DDP_LAUNCH_ENV}
+        ddp_children_run_this_job()
+        try:
+            return run(cfg)
+        finally:
+            sys.argv = argv
+            release_ddp(env)
 
 
 def launches_processes(trainer_cfg: DictConfig) -> bool:

@@ -77,7 +77,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         if cfg.export.merged:
             # a sharded model holds slices on this rank: merge the complete adapter just saved instead
             sharded = shards_parameters(cfg.trainer)
-            source = model_from_export(cfg, adapter_dir, cfg.paths.cache_dir)[0] if sharded else objects["model"]
+            source = (
+                model_from_export(cfg, adapter_dir, cfg.paths.cache_dir, trust_remote_code=cfg.model.trust_remote_code)[
+                    0
+                ]
+                if sharded
+                else objects["model"]
+            )
             metrics["merged_dir"] = str(export_merged(source, objects["tokenizer"], output_dir / "merged"))
         metrics["data"] = datamodule.report
         metrics.update(perf_summary(callbacks, module))

@@ -18,6 +18,8 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch.optim import Optimizer
 
+from tunelab.compat.torch import load_checkpoint
+
 
 class BF16MixedPrecision(MixedPrecision):
     """Lightning's ``bf16-mixed`` autocast plugin that clips gradients with any optimizer, fused ones included.
@@ -116,16 +118,15 @@ def eager_full_checkpoints() -> Iterator[None]:
     with torch 2.13.0): it builds ``TypedStorage(dtype=cls().dtype)`` for every storage, and torch saves a tensor
     whose dtype has no legacy typed storage (e.g. uint32: the NumPy RNG key array that
     ``tunelab.callbacks.rng`` checkpoints) with an ``UntypedStorage``, which has no ``dtype``: AttributeError.
-    ``test_lightning_lazy_load_still_fails_on_untyped_storages`` fails once it loads them, and this can go.
+    ``test_lightning_lazy_load_still_fails_on_untyped_storages`` fails once it loads them. The lazy loader is also
+    a plain unpickler (it calls any global the file names), while the eager load here,
+    :func:`tunelab.compat.torch.load_checkpoint`, refuses a file that would run code: that part stays.
     """
     from unittest import mock
 
     import lightning.pytorch.strategies.fsdp as lightning_fsdp
 
-    def eager_load(path: Any) -> dict[str, Any]:
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-    with mock.patch.object(lightning_fsdp, "_lazy_load", eager_load):
+    with mock.patch.object(lightning_fsdp, "_lazy_load", load_checkpoint):
         yield
 
 

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from tunelab.errors import ConfigError
-from tunelab.methods.lora import lora_config
+from tunelab.methods.lora import check_rank, check_target_modules, lora_config
 from tunelab.methods.peft_task import peft_task_type
 from tunelab.methods.spec import METHODS, Method
 from tunelab.models.loading import keep_cpu_kernels_trainable
@@ -60,6 +60,7 @@ def adapt_qlora(model: torch.nn.Module, method_cfg: DictConfig, tokenizer: Any =
             f"method=qlora: {type(model).__name__} has no 4-bit Linear layers; it must be loaded with the qlora "
             "quantization config and have nn.Linear layers for bitsandbytes to quantize"
         )
+    check_target_modules(model, method_cfg)
     checkpointing = bool(getattr(model, "is_activation_checkpointing", False))
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -108,7 +109,9 @@ def merge_dequantized(model: torch.nn.Module, dtype: torch.dtype = torch.float32
 
 
 def check_qlora(cfg: DictConfig, head: str) -> None:
-    """Sharded strategies flatten parameters in one float dtype: the 4-bit storage must be that dtype."""
+    """LoRA's rank, and: sharded strategies flatten parameters in one float dtype, so the 4-bit storage must be
+    that dtype."""
+    check_rank(cfg.method)
     if shards_parameters(cfg.trainer) and cfg.method.quant_storage == "uint8":
         raise ConfigError(
             "method=qlora with a sharded strategy (FSDP / ZeRO-3) needs 4-bit weights stored in the float dtype "

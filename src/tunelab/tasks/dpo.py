@@ -47,7 +47,14 @@ def reply_logps(logits: torch.Tensor, batch: dict[str, torch.Tensor], average: b
 
 
 def check_dpo_loss(task_cfg: DictConfig) -> None:
-    """The loss type, and label smoothing only for sigmoid DPO."""
+    """The loss type, a positive ``beta`` (every loss scales by it, IPO's target is ``1 / (2 beta)``), and label
+    smoothing only for sigmoid DPO."""
+    beta = task_cfg.beta
+    if not (isinstance(beta, int | float) and not isinstance(beta, bool) and beta > 0):
+        raise ConfigError(
+            f"task.beta={beta} must be > 0: the implicit reward is beta (log pi - log ref) and loss_type=ipo divides "
+            "by beta; set task.beta=0.1 (the default) or another positive value"
+        )
     if task_cfg.loss_type not in DPO_LOSS_TYPES:
         raise ConfigError(f"task.loss_type={task_cfg.loss_type!r} is not one of {list(DPO_LOSS_TYPES)}")
     if task_cfg.label_smoothing and task_cfg.loss_type != "sigmoid":
