@@ -203,11 +203,11 @@ def check_devices_fit_accelerator(trainer_cfg: DictConfig) -> None:
     """``trainer.accelerator=auto`` on a machine without CUDA falls back to CPU, where ``trainer.devices=N`` means N
     processes: a GPU command (``trainer=ddp trainer.devices=8``) typed on a login node would start N gloo
     processes instead of failing. CPU processes are run only when asked for by name (``trainer.accelerator=cpu``)."""
-    devices = trainer_cfg.devices
-    many = (isinstance(devices, int) and devices > 1) or trainer_cfg.get("num_nodes", 1) > 1
-    if trainer_cfg.accelerator == "auto" and many and not trainer_config.gpu_available():
+    devices, nodes = trainer_cfg.devices, trainer_cfg.get("num_nodes", 1)
+    many = (isinstance(devices, int) and devices > 1) or nodes > 1
+    if trainer_cfg.accelerator == "auto" and many and trainer_config.runs_on_cpu("auto"):
         raise ConfigError(
-            f"trainer.devices={devices} trainer.num_nodes={trainer_cfg.get('num_nodes', 1)} asks for several devices "
+            f"trainer.devices={devices} trainer.num_nodes={nodes} asks for several devices "
             "but no CUDA GPU is visible, so they would be CPU processes; add trainer.accelerator=cpu to mean that, "
             "or run on a GPU machine"
         )
@@ -236,10 +236,7 @@ def check_trainer(cfg: DictConfig) -> None:
             "trainer.accelerator=cpu for CPU processes"
         )
     check_devices_fit_accelerator(cfg.trainer)
-    on_cpu = cfg.trainer.accelerator == "cpu" or (
-        cfg.trainer.accelerator == "auto" and not trainer_config.gpu_available()
-    )
-    if on_cpu and precision.startswith("16-"):
+    if trainer_config.runs_on_cpu(cfg.trainer.accelerator) and precision.startswith("16-"):
         raise ConfigError(
             f"trainer.precision={precision} needs a GPU (on CPU 16-mixed silently runs bf16 and 16-true gives "
             "NaN losses); use bf16-mixed or 32-true"

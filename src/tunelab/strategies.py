@@ -25,6 +25,7 @@ from tunelab.compat.lightning import TunelabFSDPStrategy, full_state_dict
 from tunelab.compat.peft import tuner_key_prefixes_renamed
 from tunelab.errors import ConfigError
 from tunelab.models.loading import block_classes
+from tunelab.trainer_config import runs_on_cpu
 
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
@@ -35,11 +36,6 @@ def unwrapped_name(name: str) -> str:
     for prefix in WRAPPER_PREFIXES:
         name = name.replace(prefix, "")
     return name
-
-
-def runs_on_cpu(accelerator: str) -> bool:
-    """Whether ``trainer.accelerator`` resolves to CPU processes (``auto`` does on a machine without CUDA)."""
-    return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
 
 
 def fsdp_strategy(

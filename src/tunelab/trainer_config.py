@@ -13,6 +13,11 @@ def gpu_available() -> bool:
     return torch.cuda.is_available()
 
 
+def runs_on_cpu(accelerator: str) -> bool:
+    """Whether ``trainer.accelerator`` resolves to CPU processes (``auto`` does on a machine without CUDA)."""
+    return accelerator == "cpu" or (accelerator == "auto" and not gpu_available())
+
+
 def uses_gpu(trainer_cfg: DictConfig) -> bool:
     """Whether the Trainer will run on CUDA: asked for (gpu / cuda), or ``auto`` with a GPU visible."""
     return trainer_cfg.accelerator in ("auto", "gpu", "cuda") and gpu_available()
