@@ -22,6 +22,10 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 # these (Hub libraries offline, pip without an index); this process also refuses sockets beyond loopback.
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PIP_NO_INDEX": "1"}
 os.environ.update(OFFLINE)
+# pytest-xdist runs the suite as one worker per core (pyproject's addopts: -n 2): each worker, and every process a
+# test starts, computes on one thread, so the workers do not fight over the cores with spinning OpenMP threads.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
 LOOPBACK = ("127.", "::1", "localhost", "0.0.0.0")
 _connect = socket.socket.connect
 
