@@ -1,8 +1,9 @@
 """Train: `python train.py [group=option ...] [key=value ...]` (see README and configs/train.yaml).
 
-A config or data error ends the run with one line on stderr, `error: <reason>`, and exit status 2 (under -m,
-the job fails and the sweep goes on); `HYDRA_FULL_ERROR=1 python train.py ...` shows its full stack instead
-(tunelab.errors.one_line_errors, called by tunelab.multirun.run_job).
+A config or data error (or a lost rank of a multi-process run) ends the run with one line on stderr,
+`error: <reason>`, and exit status 2 (under -m, the job fails and the sweep goes on); `HYDRA_FULL_ERROR=1
+python train.py ...` shows its full stack instead (tunelab.errors.one_line_errors, called by
+tunelab.multirun.run_job).
 """
 
 import os

@@ -45,6 +45,7 @@ def measure(method: str, steps: int, extra: list[str]) -> dict:
             "test=false",
             "export.adapter=false",
             "~callbacks.model_checkpoint",
+            "~callbacks.last_checkpoint",
             "~callbacks.early_stopping",
             f"hydra.run.dir={run_dir}",
             *extra,

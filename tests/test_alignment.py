@@ -165,7 +165,7 @@ def test_dpo_learns_the_preference_and_reuses_the_reference_cache(preference_fil
     assert metrics["val/loss"] < math.log(2) - 0.05
     assert metrics["val/rewards/accuracy"] > 0.9 and metrics["val/rewards/margin"] > 0
     assert metrics["test/logps/accuracy"] > metrics["test/ref_logps/accuracy"]
-    cached = sorted(p.name for p in (tmp_path / "a" / "ref_cache").iterdir())
+    cached = sorted(p.name for p in (tmp_path / "a" / "ref_cache").iterdir() if not p.name.startswith("."))
     assert [name.split("-")[0] for name in cached] == ["test", "train", "val"]
 
     again = [*overrides[:-1], "trainer.max_steps=2", f"paths.output_dir={tmp_path / 'b'}"]

@@ -389,6 +389,20 @@ def test_realigned_logging_step_counts_optimizer_steps(case, tmp_path):
     assert resumed_after_an_epoch_end_stop(tmp_path, scheduling, checkpointing, AlignLoggingStep()) == (4, 4)
 
 
+def test_lightning_launcher_still_passes_a_lost_rank_through_raw(monkeypatch):
+    """Lightning's script launcher lets gloo's error for a SIGKILLed peer end the rank as it is (with its stack)."""
+    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+    from .test_process_group import GLOO_CLOSED, cpu_environment
+
+    def collective() -> None:
+        raise RuntimeError(GLOO_CLOSED)
+
+    with pytest.raises(RuntimeError) as caught:
+        _SubprocessScriptLauncher(cpu_environment(monkeypatch), 2, 1).launch(collective)
+    assert type(caught.value) is RuntimeError and str(caught.value) == GLOO_CLOSED
+
+
 # DeepSpeed
 
 
@@ -466,6 +480,48 @@ def test_cpu_deepspeed_validates_fits_and_tests_on_one_trainer(process_group, tm
     tested = trainer.test(module, loader(), ckpt_path="last")[0]["loss"]
     assert tested == fitted and fitted < untrained
     assert trainer.strategy.root_device == torch.device("cpu", 0)
+
+
+def adapted_tiny() -> Tiny:
+    """:class:`Tiny` with an in-house bottleneck adapter (a forward hook) after its first layer; only it trains, and
+    its weights are large enough to change the loss."""
+    from tunelab.methods.inhouse import Bottleneck, attach
+
+    module = Tiny()
+    module.requires_grad_(False)
+    attach(module.net[0], "adapter", Bottleneck(8, 2, init_std=0.5))
+    module.net[0].adapter.requires_grad_(True)
+    return module
+
+
+def test_lightning_deepspeed_still_removes_the_models_hooks_for_evaluation(process_group):
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    module = adapted_tiny()
+    strategy = DeepSpeedStrategy(stage=2)  # Lightning's own inference setup, on this CPU process as device 0
+    strategy.parallel_devices = [torch.device("cpu", 0)]
+    strategy._initialize_deepspeed_inference(module)
+    assert not module.net[0]._forward_hooks
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_cpu_deepspeed_evaluates_and_trains_through_inhouse_adapters(process_group, stage):
+    """Validation before fitting scores the adapted model, and fitting then trains the adapter (the only weights
+    that train: without its hook the loss would have no gradient)."""
+    from tunelab.methods.inhouse import adapters_disabled
+
+    module = adapted_tiny()
+    with torch.no_grad():
+        adapted = module.loss(next(iter(loader(batches=1)))).item()
+        with adapters_disabled(module):
+            assert module.loss(next(iter(loader(batches=1)))).item() != pytest.approx(adapted)
+    trainer = quiet_trainer(
+        strategy=CPUDeepSpeedStrategy(stage=stage), max_steps=2, enable_checkpointing=False, inference_mode=False
+    )
+    untrained = trainer.validate(module, loader(batches=1))[0]["loss"]
+    assert untrained == pytest.approx(adapted, rel=1e-6)
+    trainer.fit(module, loader(), loader(batches=1))
+    assert float(trainer.callback_metrics["loss"]) < untrained
 
 
 # bitsandbytes

@@ -149,8 +149,8 @@ def test_csv_alpaca_keeps_text_as_written(tmp_path: Path, load) -> None:
         writer.writerow(["Pad the number.", "7", "007"])
     result = load(path, "alpaca")
     assert [(e.prompt[-1]["content"], e.response, e.source) for e in result.examples] == [
-        ("What is 6 times 7?", "42", f"{path}:record 1"),
-        ("Pad the number.\n\n7", "007", f"{path}:record 2"),
+        ("What is 6 times 7?", "42", f"{path}:2"),  # located by line, the header being line 1
+        ("Pad the number.\n\n7", "007", f"{path}:3"),
     ]
 
 

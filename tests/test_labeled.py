@@ -41,7 +41,12 @@ def test_skip_counts_every_problem_and_keeps_the_rest(messy: Path):
         ("Profit fell", 0, 2),
         ("Board meets today", 1, 6),
     ]
-    assert loaded.report == {"label outside the label set": 1, "empty text": 1, "duplicate text": 1}
+    assert loaded.report == {
+        "label outside the label set": 1,
+        "empty text": 1,
+        "duplicate text": 1,
+        "malformed record": 0,
+    }
 
 
 def test_duplicates_keep_counts_but_keeps(messy: Path):

@@ -95,7 +95,7 @@ def test_bad_prompt_error_names_file_line_and_field(tmp_path, row, field, reason
     assert str(info.value).startswith(f"{path}, line 2: field '{field}': ")
 
 
-def test_skip_counts_bad_prompts_and_malformed_files_fail(tmp_path):
+def test_skip_counts_bad_prompts_and_malformed_lines(tmp_path):
     rows = [PLAIN, BAD_PROMPTS["missing prompt"][0], {"prompt": TURNS}, BAD_PROMPTS["number"][0]]
     result = load_prompts(write_jsonl(tmp_path / "prompts.jsonl", rows), on_error="skip")
     assert [example.line for example in result.examples] == [1, 3]
@@ -106,9 +106,11 @@ def test_skip_counts_bad_prompts_and_malformed_files_fail(tmp_path):
     with pytest.raises(DataError, match=r"no usable examples .*1 bad record\(s\) skipped"):
         load_prompts(write_jsonl(tmp_path / "bad.jsonl", rows[1:2]), on_error="skip")
     broken = write_jsonl(tmp_path / "broken.jsonl", [PLAIN, '{"prompt": "q"'])
-    for policy in ("fail", "skip"):
-        with pytest.raises(DataError, match=rf"^{broken}, line 2: invalid JSON"):
-            load_prompts(broken, on_error=policy)
+    with pytest.raises(DataError, match=rf"^{broken}, line 2: invalid JSON"):
+        load_prompts(broken, on_error="fail")
+    assert load_prompts(broken, on_error="skip").skipped == [
+        f"{broken}, line 2: invalid JSON: Expecting ',' delimiter (column 15)"
+    ]
     with pytest.raises(ConfigError, match=r"data\.on_error='drop'"):
         load_prompts(broken, on_error="drop")
 

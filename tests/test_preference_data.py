@@ -94,11 +94,14 @@ def test_skip_drops_and_counts_bad_records(tmp_path):
         load_preferences(only_bad, on_error="skip")
 
 
-def test_invalid_json_fails_under_both_policies(tmp_path):
-    path = write_jsonl(tmp_path / "pairs.jsonl", [PLAIN, '{"prompt": "q", "chosen": "a"'])
-    for policy in ("fail", "skip"):
-        with pytest.raises(DataError, match=rf"^{path}, line 2: invalid JSON"):
-            load_preferences(path, on_error=policy)
+def test_invalid_json_fails_or_is_skipped_and_counted(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [PLAIN, '{"prompt": "q", "chosen": "a"', "[1]"])
+    with pytest.raises(DataError, match=rf"^{path}, line 2: invalid JSON: Expecting ',' delimiter \(column 30\)$"):
+        load_preferences(path, on_error="fail")
+    assert load_preferences(path, on_error="skip").skipped == [
+        f"{path}, line 2: invalid JSON: Expecting ',' delimiter (column 30)",
+        f"{path}, line 3: expected a JSON object, got list",
+    ]
 
 
 def test_file_level_errors(tmp_path):
@@ -109,7 +112,7 @@ def test_file_level_errors(tmp_path):
     with pytest.raises(DataError, match="found a JSON array"):
         load_preferences(array)
     with pytest.raises(DataError, match="line 2: expected a JSON object, got list"):
-        load_preferences(write_jsonl(tmp_path / "pairs.jsonl", [PLAIN, "[1]"]), on_error="skip")
+        load_preferences(write_jsonl(tmp_path / "pairs.jsonl", [PLAIN, "[1]"]), on_error="fail")
     with pytest.raises(ConfigError, match=r"data\.on_error='drop'"):
         load_preferences(array, on_error="drop")
 

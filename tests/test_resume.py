@@ -16,7 +16,11 @@ from .stopping import StopAfterSteps
 def step_losses(output_dir: Path) -> dict[int, float]:
     """Training loss by logged step (one row per optimizer step, log_every_n_steps=1)."""
     with open(output_dir / "metrics.csv") as handle:
-        return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")}
+        pairs = [
+            (int(row["step"]), float(row["train/loss"])) for row in csv.DictReader(handle) if row.get("train/loss")
+        ]
+    assert len({step for step, _ in pairs}) == len(pairs), "a step logged twice"
+    return dict(pairs)
 
 
 def resume_overrides(alpaca_file: Path, output_dir: Path, max_steps: int) -> list[str]:
@@ -31,7 +35,7 @@ def resume_overrides(alpaca_file: Path, output_dir: Path, max_steps: int) -> lis
         "trainer.check_val_every_n_epoch=null",
         "task.generation.num_samples=0",
         "task.scheduler.warmup_steps=3",
-        "callbacks.model_checkpoint.every_n_train_steps=1",
+        "callbacks.last_checkpoint.every_n_train_steps=1",
         "validate_before_training=false",
         "test=false",
         "export.adapter=false",
@@ -50,7 +54,8 @@ def test_resume_reproduces_uninterrupted_losses(alpaca_file, compose_cfg, tmp_pa
     assert sorted(before_stop) == list(range(stop_at))
     last = part_dir / "checkpoints" / "last.ckpt"
     train(compose_cfg([*resume_overrides(alpaca_file, part_dir, total), f"ckpt_path={last}"]))
-    uninterrupted, after_resume = step_losses(full_dir), step_losses(part_dir)
+    uninterrupted, history = step_losses(full_dir), step_losses(part_dir)
     assert sorted(uninterrupted) == list(range(total))
-    assert sorted(after_resume) == list(range(stop_at, total))  # no step repeated or skipped in the logs
-    assert {**before_stop, **after_resume} == pytest.approx(uninterrupted, abs=1e-5)
+    assert sorted(history) == list(range(total))  # the resume appended: no step repeated or skipped
+    assert {k: history[k] for k in before_stop} == before_stop
+    assert history == pytest.approx(uninterrupted, abs=1e-5)

@@ -44,12 +44,18 @@ def build_trainer(cfg: DictConfig, model: Any, callbacks: list[Any], loggers: li
     if isinstance(strategy, DictConfig):
         strategy = instantiate(strategy)(model=model, accelerator=cfg.trainer.accelerator)
     overrides: dict[str, Any] = {}
-    from tunelab.strategies import has_own_precision
+    from tunelab.strategies import is_sharding_engine
 
-    if precision == "bf16-mixed" and not has_own_precision(strategy):
-        from tunelab.compat.lightning import BF16MixedPrecision
+    if not is_sharding_engine(strategy):
+        from tunelab.checkpoints import AtomicCheckpointIO
 
-        overrides = {"precision": None, "plugins": [BF16MixedPrecision("cuda" if uses_gpu(cfg.trainer) else "cpu")]}
+        plugins: list[Any] = [AtomicCheckpointIO()]
+        if precision == "bf16-mixed":
+            from tunelab.compat.lightning import BF16MixedPrecision
+
+            plugins.append(BF16MixedPrecision("cuda" if uses_gpu(cfg.trainer) else "cpu"))
+            overrides["precision"] = None
+        overrides["plugins"] = plugins
     return instantiate(cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers or False, **overrides)
 
 

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 from omegaconf import DictConfig, OmegaConf
 
 from tunelab import trainer_config
+from tunelab.checkpoints import check_checkpoint_file
 from tunelab.errors import ConfigError
 from tunelab.methods import METHODS
 from tunelab.methods.inhouse import check_family_supports
@@ -97,6 +98,12 @@ BOUNDS = (
         lambda v: v is None or (is_number(v) and v >= 0),
         "null (no clipping) or a gradient norm >= 0",
         "set trainer.gradient_clip_val=null to switch clipping off, or a norm such as 1.0",
+    ),
+    Bound(
+        "trainer.strategy.timeout_s",
+        lambda v: is_number(v) and v > 0,
+        "a time > 0 in seconds (how long a collective waits for the other ranks; at 0 every one times out)",
+        "set trainer.strategy.timeout_s=1800 (the default), for example",
     ),
 )
 ABSENT = object()
@@ -259,6 +266,8 @@ def check_config(cfg: DictConfig) -> None:
     check_trainer(cfg)
     if cfg.ckpt_path is not None and not cfg.train:
         raise ConfigError("ckpt_path resumes training, but train=false; use evaluate.py ckpt_path=... instead")
+    if cfg.ckpt_path is not None:
+        check_checkpoint_file(cfg.ckpt_path)
     head, _ = objective.head(cfg)
     check_method_fits_model(cfg, method, head)
     check_data_kind(cfg, objective)

@@ -12,7 +12,7 @@ FULL_ERROR = "HYDRA_FULL_ERROR"  # =1: a tunelab error goes through unchanged, w
 
 
 class TunelabError(Exception):
-    """Base class for errors caused by the user's config or data (not by a bug in tunelab)."""
+    """Base class for errors a user can act on (config, data, a lost rank of a multi-process run), not bugs."""
 
 
 class ConfigError(TunelabError):

@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from tunelab.atomic import write_text
 from tunelab.build import build_components
 from tunelab.errors import ConfigError
 from tunelab.registry import load_plugins
@@ -81,9 +82,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     summary = {
         k.replace("test/", f"{split}/"): v for k, v in (module.summary() if hasattr(module, "summary") else {}).items()
     }
-    (report_dir / "report.json").write_text(
-        json.dumps({"source": source, "split": split, "metrics": metrics, "samples": all_samples, **summary}, indent=2)
+    write_text(
+        report_dir / "report.json",
+        json.dumps({"source": source, "split": split, "metrics": metrics, "samples": all_samples, **summary}, indent=2),
     )
-    (report_dir / "report.md").write_text(markdown_report(run_dir, split, metrics, samples))
+    write_text(report_dir / "report.md", markdown_report(run_dir, split, metrics, samples))
     print(f"[tunelab] report written to {report_dir}/report.md", flush=True)
     return metrics

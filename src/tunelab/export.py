@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from tunelab.atomic import replace_dir
 from tunelab.methods import is_peft_model
 from tunelab.methods.inhouse import is_inhouse, is_inhouse_dir, load_inhouse, save_inhouse
 from tunelab.methods.qlora import merge_dequantized
@@ -26,15 +27,18 @@ def export_adapter(
 ) -> Path:
     """Save the adapter (peft, or in-house: weights + method config) or, for full fine-tuning and bitfit, the
     whole model (transformers) to ``directory``. ``state``: the tensors gathered from a sharded model
-    (:func:`tunelab.strategies.gathered_for_export`), saved in place of ``model``'s local shards."""
-    directory.mkdir(parents=True, exist_ok=True)
-    if is_inhouse(model):
-        save_inhouse(model, directory, state)
-    else:
-        model.save_pretrained(directory, state_dict=dict(state) if state is not None else None)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-    return directory
+    (:func:`tunelab.strategies.gathered_for_export`), saved in place of ``model``'s local shards. The folder
+    appears complete or not at all (:func:`tunelab.atomic.replace_dir`)."""
+
+    def build(staging: Path) -> None:
+        if is_inhouse(model):
+            save_inhouse(model, staging, state)
+        else:
+            model.save_pretrained(staging, state_dict=dict(state) if state is not None else None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+
+    return replace_dir(directory, build)
 
 
 def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -47,11 +51,14 @@ def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def export_merged(model: torch.nn.Module, tokenizer: Any, directory: Path) -> Path:
-    """Save the merged model + tokenizer in transformers format to ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    merged_copy(model).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    """Save the merged model + tokenizer in transformers format to ``directory`` (complete or not at all)."""
+    merged = merged_copy(model)
+
+    def build(staging: Path) -> None:
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+    return replace_dir(directory, build)
 
 
 def load_exported(base_model: torch.nn.Module, directory: Path, tokenizer: Any = None) -> torch.nn.Module:

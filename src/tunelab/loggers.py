@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import netrc
 import os
 import sys
@@ -9,8 +11,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
+from tunelab.atomic import write_text
 from tunelab.run_info import redact
 
 MODES = ("auto", "online", "offline", "disabled")
@@ -36,6 +42,62 @@ class WandbLogger(LightningWandbLogger):
 
     def log_hyperparams(self, params: Mapping[str, Any]) -> None:
         super().log_hyperparams(redact(params))
+
+
+class HistoryWriter(ExperimentWriter):
+    """Lightning's CSV experiment writer, except that it keeps the rows a run folder's ``metrics.csv`` holds.
+
+    Lightning (2.6.6, ``_ExperimentWriter._check_log_dir_exists``) deletes ``metrics.csv`` when it starts in a folder
+    that has one, so a resumed run lost its history. Here the file's rows stay. When the first row of this process
+    arrives, with step ``s``, every kept row with a step ``>= s`` is dropped: those steps ran after the checkpoint
+    the run resumed from, and run again now, so none is repeated; the rows before ``s`` (written as they were
+    logged, see :class:`CSVLogger`) are all there, so none is lost. Rewrites of the file are atomic."""
+
+    def _check_log_dir_exists(self) -> None:
+        self._resumed = os.path.isfile(self.metrics_file_path)
+        if self._resumed:
+            with open(self.metrics_file_path, newline="") as handle:
+                self.metrics_keys = list(csv.DictReader(handle).fieldnames or [])
+
+    def log_metrics(self, metrics_dict: dict[str, float], step: int | None = None) -> None:
+        super().log_metrics(metrics_dict, step)
+        if self._resumed:
+            self._resumed = False
+            self._drop_rows_from(self.metrics[-1]["step"])
+
+    def _drop_rows_from(self, step: int) -> None:
+        with open(self.metrics_file_path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        kept = [row for row in rows if row.get("step", "").isdigit() and int(row["step"]) < step]
+        if len(kept) < len(rows):
+            self._write_rows(kept)
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        with open(self.metrics_file_path, newline="") as handle:
+            self._write_rows(list(csv.DictReader(handle)), fieldnames)
+
+    def _write_rows(self, rows: list[dict[str, Any]], fieldnames: list[str] | None = None) -> None:
+        out = io.StringIO(newline="")
+        writer = csv.DictWriter(out, fieldnames=fieldnames or self.metrics_keys)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(self.metrics_file_path, out.getvalue())
+
+
+class CSVLogger(LightningCSVLogger):
+    """Lightning's ``CSVLogger`` writing each row as it is logged (a killed run loses none) into a history a
+    resume appends to (:class:`HistoryWriter`)."""
+
+    def __init__(self, save_dir: str, name: str = "", version: str = "") -> None:
+        super().__init__(save_dir=save_dir, name=name, version=version, flush_logs_every_n_steps=1)
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> HistoryWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = HistoryWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def wandb_has_credentials() -> bool:

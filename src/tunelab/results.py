@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import re
 from pathlib import Path
+
+from tunelab.atomic import write_text
 
 DEFAULT_COLUMNS = [
     "trainable_params",
@@ -113,11 +116,12 @@ def main() -> None:
     print(table, end="")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out.with_suffix(".csv"), "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        args.out.with_suffix(".md").write_text(table)
+        out = io.StringIO(newline="")
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(args.out.with_suffix(".csv"), out.getvalue())
+        write_text(args.out.with_suffix(".md"), table)
     if args.plot:
         plot(rows, args.plot[0], args.plot[1:], args.out.with_suffix(".png"))
 

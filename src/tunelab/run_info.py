@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import re
 import subprocess
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from tunelab.atomic import replace_file, write_text
 
 PACKAGES = (
     "torch",
@@ -154,20 +155,34 @@ def redact_file(path: Path) -> None:
     original = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     redacted = redact(original)
     if redacted != original:
-        partial = path.with_name(f".{path.name}.{os.getpid()}")
-        OmegaConf.save(OmegaConf.create(redacted), partial)
-        os.replace(partial, path)
+        replace_file(path, lambda temporary: OmegaConf.save(OmegaConf.create(redacted), temporary))
 
 
-def write_run_info(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    """Write ``config.yaml`` (resolved) and ``run_info.json`` (seed, git, versions, command) to ``output_dir``,
-    both through :func:`redact`, and redact the copies Hydra wrote before the job started (:func:`hydra_copies`).
+def model_provenance(model_cfg: DictConfig, model: Any | None) -> dict[str, Any]:
+    """Where the weights came from: the config's source, path and requested revision, and the Hub commit they
+    resolved to (``resolved_commit``; ``None`` for weights built locally or read from a plain folder).
+
+    transformers (5.x) records the commit of the snapshot it read a model's files from as the config's
+    ``_commit_hash``; a requested ``revision`` such as ``main`` moves, the commit does not."""
+    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+    return {
+        "source": model_cfg.get("source"),
+        "path": model_cfg.get("path"),
+        "revision": model_cfg.get("revision"),
+        "resolved_commit": commit if isinstance(commit, str) else None,
+    }
+
+
+def write_run_info(cfg: DictConfig, output_dir: Path, model: Any | None = None) -> dict[str, Any]:
+    """Write ``config.yaml`` (resolved) and ``run_info.json`` (seed, git, versions, command, the loaded ``model``'s
+    provenance: :func:`model_provenance`) to ``output_dir``, both through :func:`redact`, and redact the copies
+    Hydra wrote before the job started (:func:`hydra_copies`).
 
     A secret in the config reads back as ``"***"``: give credentials through the environment (``HF_TOKEN``,
     ``WANDB_API_KEY``), which is never written."""
     output_dir.mkdir(parents=True, exist_ok=True)
     config, argv = redact((cfg, sys.argv))
-    OmegaConf.save(OmegaConf.create(config), output_dir / "config.yaml")
+    replace_file(output_dir / "config.yaml", lambda temporary: OmegaConf.save(OmegaConf.create(config), temporary))
     for path in hydra_copies():
         redact_file(path)
     info = {
@@ -178,15 +193,16 @@ def write_run_info(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "python": platform.python_version(),
         "host": platform.node(),
         "packages": package_versions(),
+        "model": model_provenance(cfg.model, model),
     }
-    (output_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+    write_text(output_dir / "run_info.json", json.dumps(info, indent=2))
     return info
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` as indented JSON, turning tensors into floats."""
+    """Write ``payload`` as indented JSON (atomically), turning tensors into floats."""
 
     def plain(value: Any) -> Any:
         return value.item() if hasattr(value, "item") else value
 
-    path.write_text(json.dumps({k: plain(v) for k, v in payload.items()}, indent=2, default=str))
+    write_text(path, json.dumps({k: plain(v) for k, v in payload.items()}, indent=2, default=str))

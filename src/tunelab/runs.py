@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from tunelab.checkpoints import check_checkpoint_file
 from tunelab.compat.torch import load_checkpoint
 from tunelab.errors import ConfigError
 from tunelab.methods import METHODS
@@ -43,6 +44,8 @@ def locate_run(ckpt_path: str | None, adapter_path: str | None) -> tuple[Path, D
     """The run folder and its saved config, from exactly one of a checkpoint or an export folder."""
     if bool(ckpt_path) == bool(adapter_path):
         raise ConfigError("give exactly one of ckpt_path=<run>/checkpoints/best.ckpt or adapter_path=<run>/adapter")
+    if ckpt_path:
+        check_checkpoint_file(ckpt_path)
     run_dir = run_folder(ckpt_path or adapter_path)
     return run_dir, run_config(run_dir)
 

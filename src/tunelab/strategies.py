@@ -1,10 +1,14 @@
-"""Sharded strategies built from the loaded model, and gathering their shards for export.
+"""Multi-process strategies built from the loaded model, and gathering their shards for export.
 
-``trainer=fsdp`` wraps each transformer block (the model's ``_no_split_modules`` class) as one FSDP unit;
-``trainer=deepspeed_zero2|deepspeed_zero3|deepspeed_zero3_offload`` run DeepSpeed ZeRO. Lightning allows both
-only on CUDA; with ``trainer.accelerator=cpu`` the CPU variants (:mod:`tunelab.compat.lightning`,
-:mod:`tunelab.compat.deepspeed`) run them on gloo processes (how the test suite checks sharded training and
-saving without a GPU).
+``trainer=ddp`` replicates the model on every rank; ``trainer=fsdp`` wraps each transformer block (the model's
+``_no_split_modules`` class) as one FSDP unit; ``trainer=deepspeed_zero2|deepspeed_zero3|deepspeed_zero3_offload``
+run DeepSpeed ZeRO. Lightning allows the last two only on CUDA; with ``trainer.accelerator=cpu`` the CPU variants
+(:mod:`tunelab.compat.lightning`, :mod:`tunelab.compat.deepspeed`) run them on gloo processes (how the test suite
+checks sharded training and saving without a GPU).
+
+Every one of them waits ``trainer.strategy.timeout_s`` (:data:`DEFAULT_TIMEOUT_S`) in a collective for the other
+ranks, and a rank whose process group breaks (another rank died, or that wait ran out) stops with one line,
+:class:`tunelab.compat.lightning.LostRankError`, instead of the backend's stack or a hang.
 
 Sharded training leaves each rank with a slice of every parameter, so saving ``model.save_pretrained`` on
 rank 0 alone would write an empty or partial adapter (the failure most reported for FSDP / ZeRO-3 LoRA runs).
@@ -15,19 +19,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
 from tunelab.compat.deepspeed import CPUDeepSpeedStrategy, TunelabDeepSpeedStrategy
-from tunelab.compat.lightning import TunelabFSDPStrategy, full_state_dict
+from tunelab.compat.lightning import TunelabDDPStrategy, TunelabFSDPStrategy, full_state_dict
 from tunelab.compat.peft import tuner_key_prefixes_renamed
 from tunelab.errors import ConfigError
 from tunelab.models.loading import block_classes
 from tunelab.trainer_config import runs_on_cpu
 
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+DEFAULT_TIMEOUT_S = 1800.0  # torch's and Lightning's default process-group timeout (30 min)
 
 
 def unwrapped_name(name: str) -> str:
@@ -38,6 +44,14 @@ def unwrapped_name(name: str) -> str:
     return name
 
 
+def ddp_strategy(
+    model: torch.nn.Module, accelerator: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S
+) -> TunelabDDPStrategy:
+    """Lightning's DDPStrategy whose collectives wait ``timeout_s`` seconds for the other ranks."""
+    del model, accelerator  # DDP replicates whatever module it is given, on the device Lightning picks
+    return TunelabDDPStrategy(timeout=timedelta(seconds=timeout_s))
+
+
 def fsdp_strategy(
     model: torch.nn.Module,
     accelerator: str = "auto",
@@ -45,8 +59,10 @@ def fsdp_strategy(
     activation_checkpointing: bool = False,
     cpu_offload: bool = False,
     state_dict_type: str = "full",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> TunelabFSDPStrategy:
-    """Lightning's FSDPStrategy wrapping each transformer block of ``model`` as one FSDP unit."""
+    """Lightning's FSDPStrategy wrapping each transformer block of ``model`` as one FSDP unit; its collectives wait
+    ``timeout_s`` seconds for the other ranks."""
     del accelerator  # TunelabFSDPStrategy reads the device it runs on from Lightning
     blocks = block_classes(model)
     if activation_checkpointing and getattr(model, "config", None) is not None:
@@ -58,6 +74,7 @@ def fsdp_strategy(
         cpu_offload=cpu_offload,
         state_dict_type=state_dict_type,
         use_orig_params=True,
+        timeout=timedelta(seconds=timeout_s),
     )
 
 
@@ -67,9 +84,11 @@ def deepspeed_strategy(
     stage: int = 2,
     offload_optimizer: bool = False,
     offload_parameters: bool = False,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> TunelabDeepSpeedStrategy:
     """Lightning's DeepSpeedStrategy at ZeRO ``stage``; checkpoints hold only the trained tensors when part of
-    ``model`` is frozen (parameter-efficient methods)."""
+    ``model`` is frozen (parameter-efficient methods); its collectives wait ``timeout_s`` seconds for the other
+    ranks."""
     if offload_parameters and stage != 3:
         raise ConfigError(f"trainer.strategy.offload_parameters=true needs ZeRO stage 3, not stage {stage}")
     strategy_class = CPUDeepSpeedStrategy if runs_on_cpu(accelerator) else TunelabDeepSpeedStrategy
@@ -78,6 +97,7 @@ def deepspeed_strategy(
         offload_optimizer=offload_optimizer,
         offload_parameters=offload_parameters,
         exclude_frozen_parameters=any(not p.requires_grad for p in model.parameters()),
+        timeout=timedelta(seconds=timeout_s),
     )
 
 
@@ -89,8 +109,9 @@ def strategy_loads_checkpoints(trainer: Any) -> bool:
     return isinstance(trainer.strategy, SHARDING_ENGINES)
 
 
-def has_own_precision(strategy: Any) -> bool:
-    """Whether Lightning gives the strategy (an object, or Lightning's name for one) its own precision plugin."""
+def is_sharding_engine(strategy: Any) -> bool:
+    """Whether the strategy (an object, or Lightning's name for one) is FSDP or DeepSpeed: Lightning gives these
+    their own precision plugin, and they write their own checkpoint format."""
     if isinstance(strategy, str):
         return any(kind in strategy.lower() for kind in ("fsdp", "deepspeed"))
     return isinstance(strategy, SHARDING_ENGINES)

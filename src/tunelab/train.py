@@ -43,7 +43,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     trainer = build_trainer(cfg, objects["model"], callbacks, loggers)
     objects["trainer"] = trainer
     if trainer.is_global_zero:
-        write_run_info(cfg, output_dir)
+        write_run_info(cfg, output_dir, objects["model"])
     module, datamodule = objects["module"], objects["datamodule"]
 
     metrics: dict[str, Any] = {
@@ -56,7 +56,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         metrics.update({k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
-    checkpoint = trainer.checkpoint_callback
+    checkpoint = best_checkpoint(trainer)
     best_path = checkpoint.best_model_path if checkpoint is not None else ""
     if best_path:
         metrics[f"best/{checkpoint.monitor}"] = checkpoint.best_model_score
@@ -91,6 +91,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         write_json(output_dir / "metrics.json", metrics)
     _finish_loggers(loggers)
     return metrics, objects
+
+
+def best_checkpoint(trainer: Any) -> Any | None:
+    """The run's ranked checkpoint callback (``callbacks.model_checkpoint``: ``best.ckpt``), if it has one."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ranked = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor is not None]
+    return ranked[0] if ranked else None
 
 
 def perf_summary(callbacks: list[Any], module: Any) -> dict[str, float]:

@@ -8,13 +8,47 @@ behaviour is gone (then that part can go).
 from __future__ import annotations
 
 from typing import Any
+from unittest import mock
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
+from tunelab.compat.lightning import ReportsLostRanks
 
-class TunelabDeepSpeedStrategy(DeepSpeedStrategy):
-    """Lightning's DeepSpeed across the stages of one Trainer (validate -> fit -> test).
+# the hook tables Lightning's remove_module_hooks empties, and the tables keyed by the same hook ids
+HOOK_TABLES = (
+    "_backward_hooks",
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+)
+HOOK_FLAG_TABLES = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+
+
+def hook_owner(hook: Any) -> str:
+    """The module that defines ``hook``'s function (through ``functools.partial`` and torch's ``_WrappedHook``)."""
+    for wrapped in ("hook", "func"):
+        hook = getattr(hook, wrapped, hook)
+    return getattr(hook, "__module__", None) or ""
+
+
+def remove_deepspeed_hooks(model: torch.nn.Module) -> None:
+    """Remove from every module of ``model`` the hooks DeepSpeed registered (an earlier engine's), and only those."""
+    for module in model.modules():
+        for table in HOOK_TABLES:
+            hooks = getattr(module, table)
+            for key in [key for key, hook in hooks.items() if hook_owner(hook).startswith("deepspeed")]:
+                del hooks[key]
+                for flags in HOOK_FLAG_TABLES:
+                    getattr(module, flags).pop(key, None)
+        if not module._backward_hooks:
+            module._is_full_backward_hook = None
+
+
+class TunelabDeepSpeedStrategy(ReportsLostRanks, DeepSpeedStrategy):
+    """Lightning's DeepSpeed across the stages of one Trainer (validate -> fit -> test), a lost rank reported by
+    :class:`tunelab.compat.lightning.LostRankLauncher`.
 
     - **A second ZeRO-3 engine on the same module breaks its hooks** (deepspeed 0.19.8): the engine of an
       evaluation stage leaves its parameter-gathering hooks on every module, and the training engine Lightning
@@ -24,9 +58,18 @@ class TunelabDeepSpeedStrategy(DeepSpeedStrategy):
     - **A ZeRO-3 inference engine cannot load a training checkpoint** (deepspeed 0.19.8, deepspeedai/DeepSpeed#7272):
       its ``DeepSpeedZeRoOffload`` lacks ``_restore_from_bit16_weights``, so testing the best checkpoint after
       fitting fails. Evaluation after fitting reuses the training engine.
+    - **Evaluation removes the model's own hooks** (lightning 2.6.6 ``_initialize_deepspeed_inference``, every ZeRO
+      stage): before building an inference engine Lightning's ``remove_module_hooks`` empties every module's hook
+      tables, meant for an earlier engine's hooks, so the forward hooks that add tunelab's in-house branches
+      (``method=adapter|mam|unipelt``, :func:`tunelab.methods.inhouse.attach`) are gone from then on: an evaluation
+      before fitting scores the base model, and fitting then trains no branch (``method=adapter`` fails with
+      DeepSpeed's "loss must be a scalar tensor"; mam and unipelt silently train their prefix alone). Here that call
+      removes DeepSpeed's own hooks only (:func:`remove_deepspeed_hooks`); the model's stay, ahead of the engine's,
+      as when fitting comes first.
 
-    ``test_deepspeed_zero3_still_breaks_under_a_second_engine`` and
-    ``test_deepspeed_zero3_inference_engine_still_cannot_load_a_training_checkpoint`` fail once DeepSpeed no
+    ``test_deepspeed_zero3_still_breaks_under_a_second_engine``,
+    ``test_deepspeed_zero3_inference_engine_still_cannot_load_a_training_checkpoint`` and
+    ``test_lightning_deepspeed_still_removes_the_models_hooks_for_evaluation`` fail once DeepSpeed or Lightning no
     longer does this, and the matching override can go.
     """
 
@@ -44,7 +87,10 @@ class TunelabDeepSpeedStrategy(DeepSpeedStrategy):
         if self._training_engine is not None and self._training_engine.module is model:
             self.model = self._training_engine
             return
-        super()._initialize_deepspeed_inference(model)
+        import lightning.pytorch.strategies.deepspeed as lightning_deepspeed
+
+        with mock.patch.object(lightning_deepspeed, "remove_module_hooks", remove_deepspeed_hooks):
+            super()._initialize_deepspeed_inference(model)
         self._inference_engine = self.model
 
 

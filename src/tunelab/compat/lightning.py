@@ -7,18 +7,25 @@ no longer shows it (then it can go): ``tests/test_precision.py`` for :class:`BF1
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import torch
+from lightning.fabric.plugins import ClusterEnvironment
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch.optim import Optimizer
 
 from tunelab.compat.torch import load_checkpoint
+from tunelab.errors import TunelabError
 
 
 class BF16MixedPrecision(MixedPrecision):
@@ -84,6 +91,19 @@ def realign_logging_step(trainer: Trainer, module: LightningModule) -> None:
         trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
 
 
+def validation_due(trainer: Trainer) -> bool:
+    """Whether a validation runs at the end of the current training batch; ask from ``on_train_batch_end``.
+
+    Lightning (2.6.6) has no public question for it: its epoch loop decides in ``on_advance_end`` with
+    ``_TrainingEpochLoop._should_check_val_fx(data_fetcher)``, after the batch-end hooks, from state those hooks
+    already see. :class:`tunelab.checkpoints.LastCheckpoint` asks, to save after that validation rather than
+    before it (Lightning resumed from a checkpoint saved before a due validation skips the validation);
+    ``tests/test_resume.py::test_sigkill_then_resume_ends_as_the_uninterrupted_run`` fails if the answer is wrong.
+    A time-based ``val_check_interval`` is answered from the clock, as Lightning does."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    return bool(epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+
+
 @contextmanager
 def full_state_dict(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
     """FSDP state dicts (model and optimizer) of ``module`` gathered whole on rank 0, offloaded to host memory
@@ -130,7 +150,128 @@ def eager_full_checkpoints() -> Iterator[None]:
         yield
 
 
-class TunelabFSDPStrategy(FSDPStrategy):
+class LostRankError(TunelabError):
+    """This rank's process group broke: another rank died, or a collective got no answer within the timeout."""
+
+
+GLOO_LOST_PEER = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Timed out waiting",
+    "timeout caused pair closure",
+)  # how gloo (torch 2.13.0) reports a peer that is gone or silent, in plain RuntimeErrors
+EXIT_GRACE_S = 2.0  # a dying peer's exit status can trail the connection its death closed
+
+
+def breaks_process_group(error: BaseException) -> bool:
+    """Whether ``error`` is a collective or the rendezvous store failing for want of another rank: torch's backend
+    and store errors (NCCL, the TCP store), or gloo's plain RuntimeErrors for a closed or silent peer."""
+    import torch.distributed as dist
+
+    if isinstance(error, dist.DistBackendError | dist.DistStoreError):
+        return True
+    return isinstance(error, RuntimeError) and any(marker in str(error) for marker in GLOO_LOST_PEER)
+
+
+def backend_reason(error: BaseException) -> str:
+    """The backend's own words for ``error``: its first sentence, without gloo's ``[source.cc:line]`` prefix."""
+    import torch.distributed as dist
+
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    sentence = re.sub(r"^\[[^\]]*\]\s*", "", lines[0]).split(". ")[0].rstrip(".")
+    backend = dist.get_backend() if dist.is_initialized() else "torch.distributed"
+    return f"{backend}: {sentence}"
+
+
+class LostRankLauncher(_SubprocessScriptLauncher):
+    """Lightning's script launcher (rank 0 starts the other local ranks as subprocesses of itself) that ends a rank
+    whose process group broke with one line: :class:`LostRankError`, which names the rank, the backend's reason,
+    the process-group timeout and, on rank 0, what became of each rank it started (ranks still running are killed).
+
+    **A lost rank ends the others with the backend's raw error, or after the whole timeout** (lightning 2.6.6
+    ``_SubprocessScriptLauncher`` with torch 2.13.0 gloo): rank 1 SIGKILLed mid-training, rank 0 fails in its next
+    collective with gloo's RuntimeError ("Connection reset by peer", ~115 lines of stack, exit status 1); rank 1
+    hung, rank 0 waits in its collective for the whole process-group timeout (Lightning's default: 30 minutes), and
+    a rank still hanging when rank 0 ends is never stopped. Lightning's process observer (a thread of rank 0 that
+    polls the ranks it started every 5 s and SIGKILLs every process once one exits non-zero) still runs; the ranks
+    this launcher examines are taken off the list it shares with that observer first, so the observer does not
+    kill rank 0 before its line is printed. ``test_lightning_launcher_still_passes_a_lost_rank_through_raw`` fails
+    once Lightning reports a lost rank itself, and this class can go.
+    """
+
+    def __init__(
+        self, cluster_environment: ClusterEnvironment, num_processes: int, num_nodes: int, timeout: timedelta | None
+    ) -> None:
+        super().__init__(cluster_environment, num_processes, num_nodes)
+        self.timeout = timeout
+
+    def launch(self, function: Callable, *args: Any, trainer: Trainer | None = None, **kwargs: Any) -> Any:
+        try:
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+        except RuntimeError as error:
+            if not breaks_process_group(error):
+                raise
+            raise LostRankError(self.lost_rank_message(error)) from error
+
+    def lost_rank_message(self, error: BaseException) -> str:
+        """One line: this rank, why its group broke, the fate of the ranks it started (rank 0), what to check."""
+        timeout = (
+            f"trainer.strategy.timeout_s={self.timeout.total_seconds():g}"
+            if self.timeout is not None
+            else "the process-group timeout"
+        )
+        if re.search("time[ds]? ?out", str(error), re.IGNORECASE):
+            what = f"a collective got no answer within {timeout}"
+        else:
+            what = "the process group broke"
+        fates = self.stop_started_ranks()
+        others = "; ".join(fates) if fates else f"another rank died, or hung past {timeout}"
+        return (
+            f"rank {self.cluster_environment.global_rank()} stopped: {what} ({backend_reason(error)}); {others}; "
+            "check the other ranks' output above"
+        )
+
+    def stop_started_ranks(self) -> list[str]:
+        """What became of each rank this process started (none but on a node's rank 0), each killed if still
+        running after :data:`EXIT_GRACE_S`; they are taken off Lightning's observer list first."""
+        started = list(self.procs)
+        self.procs.clear()  # the list Lightning's process observer polls: it now has nothing left to kill for
+        first = self.cluster_environment.node_rank() * self.num_processes
+        fates = []
+        for local_rank, proc in enumerate(started, start=1):
+            name = f"rank {first + local_rank} (pid {proc.pid})"
+            try:
+                code = proc.wait(timeout=EXIT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                fates.append(f"{name} was still running (hung?) and has been killed")
+                continue
+            if code == -signal.SIGKILL:
+                fates.append(f"{name} died of SIGKILL (out of memory? killed by the scheduler?)")
+            elif code < 0:
+                fates.append(f"{name} died of signal {-code} ({signal.strsignal(-code)})")
+            else:
+                fates.append(f"{name} exited with status {code}")
+        return fates
+
+
+class ReportsLostRanks:
+    """Mixin for Lightning's DDP-family strategies (DDP, FSDP, DeepSpeed): every rank runs under a
+    :class:`LostRankLauncher` given the strategy's process-group timeout, processes started by Lightning or not
+    (torchrun, SLURM: then the launcher starts none and only reports)."""
+
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        self._launcher = LostRankLauncher(self.cluster_environment, self.num_processes, self.num_nodes, self._timeout)
+
+
+class TunelabDDPStrategy(ReportsLostRanks, DDPStrategy):
+    """Lightning's DDP with its default start method (rank 0 re-runs the command line for the other ranks), a lost
+    rank reported by :class:`LostRankLauncher`."""
+
+
+class TunelabFSDPStrategy(ReportsLostRanks, FSDPStrategy):
     """Lightning's FSDP, changed where Lightning 2.6.6 fails tunelab's runs.
 
     - **Later stages unwrap the root** (``FSDPStrategy._setup_model``, Lightning-AI/pytorch-lightning#19015):
@@ -141,7 +282,8 @@ class TunelabFSDPStrategy(FSDPStrategy):
       ``None`` on CPU, and torch's FSDP then refuses ("FSDP needs a non-CPU accelerator device"); here it is given
       the CPU itself, so FSDP runs on gloo processes.
     - Full state dicts are gathered by :func:`full_state_dict` and full checkpoint files read by
-      :func:`eager_full_checkpoints` (see those for the Lightning behaviour).
+      :func:`eager_full_checkpoints`, and a lost rank is reported by :class:`LostRankLauncher` (see those for the
+      Lightning behaviour).
 
     ``test_lightning_fsdp_still_unwraps_the_root_at_a_later_stage`` and ``test_lightning_fsdp_still_refuses_the_cpu``
     fail once Lightning no longer does this, and the matching part can go.

@@ -321,7 +321,8 @@ class SFTDataModule(RecordDataModule):
 
 class ClassificationDataModule(SplitDataModule):
     """Labeled texts (``data.labels`` is the label set, in class-index order) -> right-padded token batches
-    ``{input_ids, attention_mask, labels}``; texts longer than ``max_length`` tokens are truncated (counted)."""
+    ``{input_ids, attention_mask, labels}``; texts longer than ``max_length`` tokens are truncated (counted).
+    ``report`` counts each file's problems per kind and, as :class:`RecordDataModule`, its skipped records."""
 
     def __init__(self, data_cfg: DictConfig, tokenizer: Any, cache_dir: str | Path) -> None:
         super().__init__(data_cfg, cache_dir)
@@ -342,6 +343,7 @@ class ClassificationDataModule(SplitDataModule):
             label_field=self.cfg.label_field,
         )
         self.report.setdefault("problems", {})[str(path)] = dict(loaded.report)
+        self.report.setdefault("skipped_records", {})[str(path)] = len(loaded.skipped)
         return loaded.examples[: self.cfg.get("limit")]
 
     def setup(self, stage: str | None = None) -> None:

@@ -1,9 +1,9 @@
 """Converters from published data formats to ``(prompt messages, response)``.
 
-Each converter takes one row (a mapping, as ``datasets`` yields it) and raises
+Each converter takes one row (a mapping: a JSON object, a csv row or a ``datasets`` record) and raises
 :class:`tunelab.errors.DataError` naming the field on a missing field, a wrong type, an empty answer or an
 unknown role; the loader adds the file and line. A field whose value is ``None`` counts as missing
-(``datasets`` fills the fields a json line lacks with ``None``).
+(``datasets`` fills the fields a parquet or JSON-array record lacks with ``None``).
 
 - ``alpaca``: ``instruction`` (+ optional ``input``, appended after a blank line; optional ``system``) ->
   ``output``.

@@ -11,9 +11,9 @@ Two record forms, one JSON object per line:
 
 Record errors name the file, the line and the field: a missing or mistyped field, an empty reply, a chosen
 reply equal to the rejected one, conversations that do not share the prompt or do not end with an assistant
-turn. ``on_error="fail"`` raises the first; ``"skip"`` drops bad records, lists them in
-:attr:`LoadResult.skipped` and warns. A line that is not a JSON object fails under both policies (the
-file is malformed), as in :mod:`tunelab.data.loading`.
+turn; and a line that is not a JSON object (not UTF-8, invalid JSON, another JSON value). ``on_error="fail"``
+raises the first; ``"skip"`` drops bad records, lists them in :attr:`LoadResult.skipped` and warns. A missing file
+or a JSON array fails under both policies, as in :mod:`tunelab.data.loading`.
 
 Encoding renders ``prompt + [assistant: reply]`` with the tokenizer's chat template for each reply, exactly as
 SFT does (:func:`tunelab.data.tokenization.encode_example`): prompt tokens are labelled -100.

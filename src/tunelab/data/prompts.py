@@ -6,9 +6,10 @@ row is kept as the example's ``record``: reward functions read what they need fr
 ``answer`` and ``metadata``; a reward model the prompt itself, through :func:`prompt_turns`).
 
 Record errors name the file, the line and the field (a missing, blank or mistyped prompt, an unknown role, a
-conversation that does not end with the user's turn). ``on_error="fail"`` raises the first; ``"skip"`` drops bad
-records, lists them in :attr:`LoadResult.skipped` and warns. A line that is not a JSON object fails under both
-policies (the file is malformed), as in :mod:`tunelab.data.loading`.
+conversation that does not end with the user's turn, a line that is not a JSON object: not UTF-8, invalid JSON,
+another JSON value). ``on_error="fail"`` raises the first; ``"skip"`` drops bad records, lists them in
+:attr:`LoadResult.skipped` and warns. A missing file or a JSON array fails under both policies, as in
+:mod:`tunelab.data.loading`.
 
 Encoding renders the prompt with the tokenizer's chat template and ``add_generation_prompt=True``, exactly as at
 inference (:func:`tunelab.data.tokenization.render_prompt_ids`); a prompt longer than ``data.max_prompt_length``

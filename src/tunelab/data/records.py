@@ -11,4 +11,4 @@ class ChatExample:
 
     prompt: tuple[dict[str, str], ...]  # {"role": system|user|assistant, "content": str}; ends with user
     response: str  # non-empty assistant answer: the only supervised text
-    source: str  # "path:line" (json lines) or "path:record N" (csv, parquet, json array), for errors
+    source: str  # "path:line" (json lines; csv: its first line) or "path:record N" (parquet, json array), for errors

@@ -14,8 +14,9 @@ The reference (``task.reference``, :class:`tunelab.tasks.reference.ReferenceMode
 - ``copy``: a frozen copy of the policy as it starts (any method, also ``full``).
 - ``precomputed``: reference log-probs [N, 2] (chosen, rejected) of every pair of every split, computed once before
   the first update (adapter disabled, or the starting model for ``full`` / ``bitfit``) and cached on disk under
-  ``task.reference_cache_dir``, keyed by the model config, ``average`` and the encoded pairs: a ``beta`` sweep
-  computes them once.
+  ``task.reference_cache_dir``, keyed by the model config, the starting weights, quantization, precision,
+  ``average`` and the encoded pairs: a ``beta`` sweep computes them once, its jobs sharing the file safely; a run
+  whose weights were trained in place (resumed, or given to ``evaluate.py``) reads it but never computes it.
 """
 
 from __future__ import annotations
@@ -115,23 +116,30 @@ class DPOModule(PairwiseModule):
         table = self.reference.tables[split][batch["index"].cpu()].to(self.device)
         return torch.cat([table[:, 0], table[:, 1]])
 
+    def setup(self, stage: str) -> None:
+        """Before each trainer stage: the reference notes whether the model still holds its starting weights
+        (:meth:`ReferenceModel.check_start`; ``evaluate.py`` has loaded the trained ones by now)."""
+        self.reference.check_start(self.model)
+
     def precompute_all(self) -> None:
         """Reference log-probs of every split, from the disk cache or computed (and written) now; the cache key
-        covers ``average`` and each reply's encoded ``input_ids`` and ``labels``."""
+        covers the reference's weights, quantization and precision, ``average`` and each reply's encoded
+        ``input_ids`` and ``labels`` (:mod:`tunelab.tasks.reference`)."""
         for split, pairs in self.trainer.datamodule.splits.items():
             self.reference.load_or_compute(
                 split,
                 (self.average,),
                 ([reply.input_ids, reply.labels] for pair in pairs for reply in (pair["chosen"], pair["rejected"])),
                 partial(self._compute_table, pairs),
+                policy=self.model,
+                shape=(len(pairs), 2),
                 updated=self.trainer.global_step > 0,
-                rank=self.global_rank,
             )
 
     def _compute_table(self, pairs: list[dict[str, Any]]) -> torch.Tensor:
         """[N, 2] live reference log-probs (chosen, rejected) of the pairs, row ``i`` for the pair of index ``i``."""
         datamodule = self.trainer.datamodule
-        table = torch.zeros(len(pairs), 2)
+        table = torch.zeros(len(pairs), 2, dtype=torch.float32)  # not bf16-true's default dtype
         for batch in DataLoader(pairs, batch_size=datamodule.cfg.eval_batch_size, collate_fn=datamodule.collator()):
             moved = {k: v.to(self.device) for k, v in batch.items()}
             chosen, rejected = split_pairs(self.live_reference_logps(moved).cpu())
