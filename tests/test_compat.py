@@ -588,3 +588,14 @@ def test_loader_generator_leaves_the_global_rng_alone():
     state = torch.get_rng_state()
     list(torch.utils.data.DataLoader(range(4), generator=loader_generator(0)))
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_deepspeed_still_loads_its_checkpoints_with_weights_only_false(tmp_path, monkeypatch):
+    """DeepSpeed 0.19.8's TorchCheckpointEngine.load unpickles with weights_only=False: the reason for
+    tunelab.compat.deepspeed.weights_only_engine_loads. Fails once DeepSpeed loads weights only."""
+    from deepspeed.runtime.checkpoint_engine import torch_checkpoint_engine
+
+    calls = []
+    monkeypatch.setattr(torch_checkpoint_engine.torch, "load", lambda *args, **kwargs: calls.append(kwargs))
+    torch_checkpoint_engine.TorchCheckpointEngine().load(str(tmp_path / "x.pt"), map_location="cpu")
+    assert [call.get("weights_only") for call in calls] == [False]

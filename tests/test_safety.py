@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -254,3 +255,45 @@ def test_evaluate_follows_its_own_trust_remote_code_not_the_runs(asked, remote_c
     with pytest.raises(Stop):
         evaluate(compose_cfg([f"adapter_path={remote_code_run}", *flag], config_name="evaluate"))
     assert seen == [asked]
+
+
+def test_deepspeed_checkpoint_files_load_as_data_only(crafted, tmp_path):
+    """A resume of a trainer=deepspeed_* run reads DeepSpeed's .pt files through tunelab.compat.deepspeed: its
+    own classes (ZeRO stage, loss scaler, fragment addresses) load, a file that would run code is refused."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from tunelab.compat.deepspeed import weights_only_engine_loads
+
+    own = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"zero_stage": ZeroStageEnum(2), "scaler": LossScaler(1.0), "at": fragment_address(4, 0)}, own)
+    path, marker = crafted
+    with weights_only_engine_loads():
+        loaded = TorchCheckpointEngine().load(str(own), map_location="cpu")
+        with pytest.raises(ConfigError, match=r"refusing to load .*unpickling it could run code"):
+            TorchCheckpointEngine().load(str(path), map_location="cpu")
+    assert loaded["zero_stage"] == ZeroStageEnum(2) and loaded["at"] == fragment_address(4, 0)
+    assert loaded["scaler"].cur_scale == 1.0
+    assert not marker.exists()
+
+
+def test_a_run_stopped_by_its_config_check_leaves_no_secret_in_hydra_copies(tmp_path):
+    """Hydra writes .hydra/ before the job starts; the job-start callback redacts it before the config check."""
+    root = Path(__file__).resolve().parents[1]
+    run_dir = tmp_path / "stopped"
+    command = [
+        sys.executable,
+        "train.py",
+        "model=tiny",
+        f"+model.hf_token={SECRET}",
+        "data.batch_size=0",
+        f"hydra.run.dir={run_dir}",
+    ]
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.startswith("error: data.batch_size=0"), result.stderr
+    copies = sorted(p.name for p in (run_dir / ".hydra").iterdir())
+    assert copies == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    assert all(SECRET not in (run_dir / ".hydra" / name).read_text() for name in copies)
+    assert "***" in (run_dir / ".hydra" / "overrides.yaml").read_text()

@@ -53,6 +53,7 @@ def test_run_folder_holds_what_a_paper_table_needs(lora_run):
     info = json.loads((output_dir / "run_info.json").read_text())
     assert info["seed"] == 42 and info["packages"]["torch"].startswith("2.13")
     assert "commit" in info["git"]
+    assert info["model"] == {"source": "random_init", "path": None, "revision": None, "resolved_commit": None}
     assert (output_dir / "config.yaml").read_text().count("name: lora") == 1
     assert (output_dir / "checkpoints" / "best.ckpt").exists()
     assert (output_dir / "checkpoints" / "last.ckpt").exists()
@@ -166,3 +167,30 @@ def test_full_finetuning_trains_every_weight(alpaca_file, compose_cfg, tmp_path)
         expected = objects["model"].eval()(input_ids=input_ids, attention_mask=attention_mask).logits
         actual = exported.eval()(input_ids=input_ids, attention_mask=attention_mask).logits
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+
+def test_run_info_records_the_hub_commit_a_model_resolved_to(tmp_path):
+    """A Hub model's files come from a snapshot folder named by its commit; run_info.json keeps that commit next to
+    the requested revision (built offline: a local Hub cache with one snapshot, loaded by transformers as a run
+    would)."""
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from tunelab.run_info import model_provenance
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    hub = tmp_path / "hub"
+    repo = hub / "models--someorg--tiny"
+    config = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+    LlamaForCausalLM(config).save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    AutoModelForCausalLM.from_pretrained("someorg/tiny", revision="main", cache_dir=hub)
+    for revision, resolved in (("main", commit), (None, commit), (commit, commit), ("v2", None)):
+        model_cfg = OmegaConf.create({"source": "hub", "path": "someorg/tiny", "revision": revision})
+        assert model_provenance(model_cfg, hub) == {
+            "source": "hub",
+            "path": "someorg/tiny",
+            "revision": revision,
+            "resolved_commit": resolved,
+        }

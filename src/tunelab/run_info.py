@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tunelab.atomic import replace_file, write_text
@@ -158,24 +159,39 @@ def redact_file(path: Path) -> None:
         replace_file(path, lambda temporary: OmegaConf.save(OmegaConf.create(redacted), temporary))
 
 
-def model_provenance(model_cfg: DictConfig, model: Any | None) -> dict[str, Any]:
-    """Where the weights came from: the config's source, path and requested revision, and the Hub commit they
-    resolved to (``resolved_commit``; ``None`` for weights built locally or read from a plain folder).
+def hub_commit(repo_id: str, revision: str | None, cache_dir: str | Path | None = None) -> str | None:
+    """The commit a Hub ``repo_id`` at ``revision`` (default ``main``) resolved to, from the local Hub cache.
 
-    transformers (5.x) records the commit of the snapshot it read a model's files from as the config's
-    ``_commit_hash``; a requested ``revision`` such as ``main`` moves, the commit does not."""
-    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+    huggingface_hub keeps one ``snapshots/<commit>/`` folder per commit and ``refs/<revision>`` naming the one a
+    branch or tag pointed to when it was fetched, so the folder ``config.json`` is cached in names the commit the
+    weights were read from (transformers 5.x no longer records it on the config). A revision that is a commit is
+    returned as given; ``None`` when the repo is not in the cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    found = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir, revision=revision or "main")
+    match = re.search(r"[/\\]snapshots[/\\]([0-9a-f]{40})[/\\]", found) if isinstance(found, str) else None
+    return match.group(1) if match else None
+
+
+def model_provenance(model_cfg: DictConfig, hub_cache: str | Path | None = None) -> dict[str, Any]:
+    """Where the weights came from: the config's source, path and requested revision, and, for a Hub model, the
+    commit they resolved to (``resolved_commit``, :func:`hub_commit`; ``None`` for weights built locally or read
+    from a folder). A requested revision such as ``main`` moves; the commit does not."""
+    path, revision = model_cfg.get("path"), model_cfg.get("revision")
+    from_hub = model_cfg.get("source") == "hub" and path and not Path(str(path)).exists()
     return {
         "source": model_cfg.get("source"),
-        "path": model_cfg.get("path"),
-        "revision": model_cfg.get("revision"),
-        "resolved_commit": commit if isinstance(commit, str) else None,
+        "path": path,
+        "revision": revision,
+        "resolved_commit": hub_commit(str(path), revision, hub_cache) if from_hub else None,
     }
 
 
-def write_run_info(cfg: DictConfig, output_dir: Path, model: Any | None = None) -> dict[str, Any]:
-    """Write ``config.yaml`` (resolved) and ``run_info.json`` (seed, git, versions, command, the loaded ``model``'s
-    provenance: :func:`model_provenance`) to ``output_dir``, both through :func:`redact`, and redact the copies
+def write_run_info(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    """Write ``config.yaml`` (resolved) and ``run_info.json`` (seed, git, versions, command, the model's provenance:
+    :func:`model_provenance`) to ``output_dir``, both through :func:`redact`, and redact the copies
     Hydra wrote before the job started (:func:`hydra_copies`).
 
     A secret in the config reads back as ``"***"``: give credentials through the environment (``HF_TOKEN``,
@@ -193,7 +209,7 @@ def write_run_info(cfg: DictConfig, output_dir: Path, model: Any | None = None) 
         "python": platform.python_version(),
         "host": platform.node(),
         "packages": package_versions(),
-        "model": model_provenance(cfg.model, model),
+        "model": model_provenance(cfg.model),
     }
     write_text(output_dir / "run_info.json", json.dumps(info, indent=2))
     return info
@@ -206,3 +222,13 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
         return value.item() if hasattr(value, "item") else value
 
     write_text(path, json.dumps({k: plain(v) for k, v in payload.items()}, indent=2, default=str))
+
+
+class RedactHydraCopies(Callback):
+    """Hydra callback (``configs/hydra/default.yaml``): redacts the config copies Hydra has just written
+    (``.hydra/``, a sweep's ``multirun.yaml``) when the job starts, so a secret is gone from them even when the
+    run then stops at its config check, before :func:`write_run_info`."""
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        for path in hydra_copies():
+            redact_file(path)

@@ -43,7 +43,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     trainer = build_trainer(cfg, objects["model"], callbacks, loggers)
     objects["trainer"] = trainer
     if trainer.is_global_zero:
-        write_run_info(cfg, output_dir, objects["model"])
+        write_run_info(cfg, output_dir)
     module, datamodule = objects["module"], objects["datamodule"]
 
     metrics: dict[str, Any] = {

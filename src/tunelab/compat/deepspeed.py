@@ -7,6 +7,8 @@ behaviour is gone (then that part can go).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from unittest import mock
 
@@ -14,6 +16,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
 from tunelab.compat.lightning import ReportsLostRanks
+from tunelab.compat.torch import load_checkpoint
 
 # the hook tables Lightning's remove_module_hooks empties, and the tables keyed by the same hook ids
 HOOK_TABLES = (
@@ -24,6 +27,40 @@ HOOK_TABLES = (
     "_load_state_dict_pre_hooks",
 )
 HOOK_FLAG_TABLES = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+
+
+def deepspeed_checkpoint_globals() -> tuple[Any, ...]:
+    """The classes DeepSpeed's own checkpoint files hold besides tensors and plain values (deepspeed 0.19.8,
+    ZeRO-2 and ZeRO-3, found with ``torch.serialization.get_unsafe_globals_in_checkpoint``): the ZeRO stage enum,
+    the loss scaler and the fragment addresses of the optimizer state."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return (ZeroStageEnum, LossScaler, fragment_address)
+
+
+@contextmanager
+def weights_only_engine_loads() -> Iterator[None]:
+    """Inside this block DeepSpeed reads its checkpoint files as data only.
+
+    **DeepSpeed unpickles its checkpoint files with ``weights_only=False``** (deepspeed 0.19.8
+    ``TorchCheckpointEngine.load``), so resuming a ``trainer=deepspeed_*`` run from a folder someone sent you
+    could run any code its ``.pt`` files name. Here those loads go through
+    :func:`tunelab.compat.torch.load_checkpoint`, which allows DeepSpeed's own classes
+    (:func:`deepspeed_checkpoint_globals`) and refuses anything else in one sentence.
+    ``test_deepspeed_still_loads_its_checkpoints_with_weights_only_false`` fails once DeepSpeed loads weights
+    only, and this can go.
+    """
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    allowed = deepspeed_checkpoint_globals()
+
+    def load(engine: Any, path: str, map_location: Any = None) -> Any:
+        return load_checkpoint(path, map_location=map_location, safe_globals=allowed)
+
+    with mock.patch.object(TorchCheckpointEngine, "load", load):
+        yield
 
 
 def hook_owner(hook: Any) -> str:
@@ -58,6 +95,8 @@ class TunelabDeepSpeedStrategy(ReportsLostRanks, DeepSpeedStrategy):
     - **A ZeRO-3 inference engine cannot load a training checkpoint** (deepspeed 0.19.8, deepspeedai/DeepSpeed#7272):
       its ``DeepSpeedZeRoOffload`` lacks ``_restore_from_bit16_weights``, so testing the best checkpoint after
       fitting fails. Evaluation after fitting reuses the training engine.
+    - **DeepSpeed's checkpoint files are unpickled with code allowed**: read as data here
+      (:func:`weights_only_engine_loads`).
     - **Evaluation removes the model's own hooks** (lightning 2.6.6 ``_initialize_deepspeed_inference``, every ZeRO
       stage): before building an inference engine Lightning's ``remove_module_hooks`` empties every module's hook
       tables, meant for an earlier engine's hooks, so the forward hooks that add tunelab's in-house branches
@@ -92,6 +131,11 @@ class TunelabDeepSpeedStrategy(ReportsLostRanks, DeepSpeedStrategy):
         with mock.patch.object(lightning_deepspeed, "remove_module_hooks", remove_deepspeed_hooks):
             super()._initialize_deepspeed_inference(model)
         self._inference_engine = self.model
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's load, with DeepSpeed's file reads as data only (:func:`weights_only_engine_loads`)."""
+        with weights_only_engine_loads():
+            return super().load_checkpoint(checkpoint_path, weights_only)
 
 
 class CPUDeepSpeedStrategy(TunelabDeepSpeedStrategy):

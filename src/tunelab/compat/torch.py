@@ -28,7 +28,7 @@ def loader_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, *, map_location: Any = "cpu", safe_globals: tuple[Any, ...] = ()) -> Any:
     """A checkpoint file's contents on the CPU, unpickled as data only: a file that would run code is refused.
 
     A ``.ckpt`` is a pickle, and unpickling may call any function the file names. ``torch.load(weights_only=True)``
@@ -39,10 +39,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     is allowlisted with ``torch.serialization.add_safe_globals``. ``weights_only=True`` is passed explicitly: left
     unset, torch's default (True since torch 2.6) turns False under ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``.
 
+    ``safe_globals``: classes a library's own checkpoint files hold (DeepSpeed's: :mod:`tunelab.compat.deepspeed`),
+    rebuilt as data (the class is looked up, its instance's fields set; no other code runs).
+
     Raises :class:`~tunelab.errors.ConfigError` naming the file and what it asked to run.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"WeightsUnpickler error: (.*?)(\.\s|$)", str(error), re.MULTILINE)
         reason = found.group(1) if found else str(error).splitlines()[0]
