@@ -51,7 +51,11 @@ class HistoryWriter(ExperimentWriter):
     that has one, so a resumed run lost its history. Here the file's rows stay. When the first row of this process
     arrives, with step ``s``, every kept row with a step ``>= s`` is dropped: those steps ran after the checkpoint
     the run resumed from, and run again now, so none is repeated; the rows before ``s`` (written as they were
-    logged, see :class:`CSVLogger`) are all there, so none is lost. Rewrites of the file are atomic."""
+    logged, see :class:`CSVLogger`) are all there, so none is lost. Rewrites of the file are atomic.
+
+    One window remains: Lightning logs a step's training row after that batch's end hooks, where a mid-epoch
+    checkpoint is written, so a kill in the milliseconds between that checkpoint's rename and the row reaching
+    the file loses that one row (the resumed run starts after it)."""
 
     def _check_log_dir_exists(self) -> None:
         self._resumed = os.path.isfile(self.metrics_file_path)
