@@ -2,8 +2,8 @@
 
 Every ``python train.py`` line runs with the same :data:`STAND_INS` (debug=fast sizes and steps, no progress
 bar) and, where it would load a real checkpoint, a tiny random model of the same family
-(:data:`TINY_MODELS`). Placeholders (``<run>``, ``data.path=...``, ``my_data.jsonl``) become files and run
-folders the test builds; :data:`PLACEHOLDER` finds any left unresolved.
+(:data:`TINY_MODELS`). Placeholders (``<run>``, ``data.path=...``, ``my_data.jsonl``, ``prompts.jsonl``) become
+files and run folders the test builds; :data:`PLACEHOLDER` finds any left unresolved.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-PROGRAMS = ("train.py", "evaluate.py", "-m", "benchmarks/", "scripts/")
+PROGRAMS = ("train.py", "evaluate.py", "generate.py", "-m", "benchmarks/", "scripts/")
 
 STAND_INS = ("debug=fast", "trainer.enable_progress_bar=false")
 TINY_MODELS = {"smollm2_135m": "tiny", "smollm2_135m_half": "tiny", "minilm_l6": "tiny_bert", "minilm_l3": "tiny_bert"}
@@ -65,7 +65,8 @@ class Command:
 
 
 def shell_lines(text: str) -> list[tuple[int, str]]:
-    """(line number, command) of every command in the ```bash blocks, continuation lines joined."""
+    """(line number, command) of every command in the ```bash blocks, continuation lines joined, comments dropped; a
+    quoted word (``prompt="What is a fever?"``) stays one word when the command is split again."""
     lines, block, pending, start = [], False, "", 0
     for number, raw in enumerate(text.splitlines(), 1):
         if raw.startswith("```"):
@@ -79,7 +80,8 @@ def shell_lines(text: str) -> list[tuple[int, str]]:
         if stripped.endswith("\\"):
             pending += stripped[:-1] + " "
             continue
-        command = " ".join(shlex.split(pending + stripped, comments=True))
+        words = shlex.split(pending + stripped, comments=True)  # without comments; a quoted word re-quoted, kept one
+        command = " ".join(word if word == "&&" else shlex.quote(word) for word in words)
         pending = ""
         if command:
             lines.append((start, command))

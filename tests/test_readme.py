@@ -7,9 +7,11 @@ How each kind of line runs here (2 CPU cores, no GPU, no network):
   sweeps (``-m``, ``hparams_search``: every job runs, Optuna's 20 trials shrink to 2).
 - A line that needs a GPU is refused here at config time in one sentence that names the GPU, and passes every
   config check with a GPU visible (``gpu_available`` patched); a SLURM sweep composes and checks every job.
-- ``evaluate.py``, ``-m tunelab.results``, ``-m tunelab.curves`` and ``benchmarks/*.py`` run on the folders the
-  lines before them wrote (``outputs/<run>`` is the default run's folder, ``<classification_run>`` that of
-  ``task=classification`` ...); the benchmarks with their own smoke sizes.
+- ``evaluate.py``, ``generate.py``, ``-m tunelab.results``, ``-m tunelab.curves`` and ``benchmarks/*.py`` run on the
+  folders the lines before them wrote (``outputs/<run>`` is the default run's folder, ``<classification_run>`` that of
+  ``task=classification`` ...); the benchmarks with their own smoke sizes. A ``generate.py`` line reads
+  ``prompts.jsonl`` (prompts written here), writes ``answers.jsonl`` into the workspace, and reads its chat turns
+  (``chat=true``) from :data:`CHAT_STDIN`.
 - ``bash scripts/lock.sh --check`` runs (uv offline, from the cache setup.sh filled); ``bash scripts/lock.sh``
   (upgrade + rebuild + the whole suite) cannot run inside the suite: its script is syntax-checked and its two
   halves are the ``--check`` resolver and CI's command; the test command is checked to be ``.ci/run``'s.
@@ -17,6 +19,7 @@ How each kind of line runs here (2 CPU cores, no GPU, no network):
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import os
@@ -52,6 +55,7 @@ RUNS = {
 }
 MEDQA = {"question": "Which vitamin deficiency causes scurvy?", "answer_idx": "B", "answer": "Vitamin C"}
 MEDQA_OPTIONS = {"A": "Vitamin A", "B": "Vitamin C", "C": "Vitamin D", "D": "Vitamin K"}
+CHAT_STDIN = "What is a fever?\nAnd its causes?\n/exit\n"  # a chat=true line's two typed turns
 
 
 def data_files(folder: Path) -> dict[str, Path]:
@@ -66,12 +70,22 @@ def data_files(folder: Path) -> dict[str, Path]:
         "/data/medqa/train.jsonl": [
             {**MEDQA, "options": MEDQA_OPTIONS, "question": f"{i}. {MEDQA['question']}"} for i in range(80)
         ],
+        "prompts.jsonl": [
+            {"prompt": "What is a fever?"},
+            {
+                "messages": [
+                    {"role": "system", "content": "Answer briefly."},
+                    {"role": "user", "content": "What is 2 plus 3?"},
+                ]
+            },
+        ],
     }
     files = {}
     for name, records in rows.items():
         files[name] = folder / Path(name).name
         files[name].write_text("".join(json.dumps(r) + "\n" for r in records))
     files["..."] = files["/data/medqa/train.jsonl"]
+    files["answers.jsonl"] = folder / "answers.jsonl"  # written by a generate.py line
     files["Sentences_50Agree.txt"] = folder / "Sentences_50Agree.txt"
     files["Sentences_50Agree.txt"].write_text(
         "".join(f"{r['text']}@{r['label']}\n" for r in synthetic_sentiment(120)), encoding="latin-1"
@@ -258,6 +272,26 @@ def test_evaluate_line(command: Command, workspace: Workspace) -> None:
     assert report["metrics"] == metrics and f"{cfg.split}/loss" in metrics, report["metrics"]
 
 
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.program == "generate.py"], ids=str)
+def test_generate_line(
+    command: Command, workspace: Workspace, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The answers are printed (a prompt, a chat) or written to ``output=``, one record per input record."""
+    from tunelab.chat import generate
+
+    cfg = composed(resolved_args(command, workspace), config="generate")  # may train the run it names first
+    monkeypatch.setattr(sys, "stdin", io.StringIO(CHAT_STDIN))
+    capsys.readouterr()
+    answers = generate(cfg)
+    assert answers and all(isinstance(answer, str) for answer in answers), answers
+    if cfg.input:
+        written = [json.loads(line) for line in Path(cfg.output).read_text().splitlines()]
+        inputs = [json.loads(line) for line in Path(cfg.input).read_text().splitlines()]
+        assert written == [{**record, "response": answer} for record, answer in zip(inputs, answers, strict=True)]
+    else:
+        assert capsys.readouterr().out == "".join(f"{answer}\n" for answer in answers)
+
+
 def run_module_line(command: Command, workspace: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
     """``python -m tunelab.x ...`` in this process, from the workspace root (its relative outputs land there)."""
     monkeypatch.chdir(workspace.root)
@@ -343,6 +377,6 @@ def test_the_test_command_is_what_ci_runs() -> None:
 
 def test_every_readme_command_has_a_test() -> None:
     """A README command of a kind no test here runs fails this (add a test for it above)."""
-    kinds = {"train.py", "evaluate.py", "scripts/lock.sh", "-m pytest", *BENCHMARKS}
+    kinds = {"train.py", "evaluate.py", "generate.py", "scripts/lock.sh", "-m pytest", *BENCHMARKS}
     untested = [str(c) for c in COMMANDS if c.program not in kinds and not c.program.startswith("-m tunelab.")]
     assert untested == []

@@ -81,6 +81,15 @@ class TaskModule(LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
+    def log_and_reset(self, stage: str, metrics: torch.nn.ModuleDict) -> None:
+        """Log each of ``metrics`` (torchmetrics) over the epoch as ``<stage>/<name>`` (on the progress bar for
+        ``val``), then reset them."""
+        self.log_dict(
+            {f"{stage}/{name}": metric.compute() for name, metric in metrics.items()}, prog_bar=stage == "val"
+        )
+        for metric in metrics.values():
+            metric.reset()
+
     def _eval_step(self, stage: str, batch: Any, dataloader_idx: int = 0) -> None:
         """Update the metrics of ``stage`` with one batch of its evaluation dataloader ``dataloader_idx``."""
         raise NotImplementedError

@@ -55,7 +55,7 @@ from torchmetrics import MeanMetric
 from tunelab.data.prompts import PromptDataModule, prompt_turns
 from tunelab.errors import ConfigError
 from tunelab.tasks.base import TaskModule
-from tunelab.tasks.objective import OBJECTIVES, BuildContext, LoadRun, Objective
+from tunelab.tasks.objective import OBJECTIVES, BuildContext, Objective
 from tunelab.tasks.optim import build_optimizer
 from tunelab.tasks.preference_losses import (
     clipped_policy_loss,
@@ -68,50 +68,28 @@ from tunelab.tasks.preference_losses import (
     whiten,
 )
 from tunelab.tasks.reference import ReferenceModel
-from tunelab.tasks.rollout import Completions, RewardFn, RolloutEngine
-
-REWARD_SOURCES = ("verifiable", "model")
+from tunelab.tasks.reward_sources import build_reward_fn, check_reward_config
+from tunelab.tasks.rollout import (
+    Completions,
+    RewardFn,
+    RolloutEngine,
+    check_manual_optimization,
+    disable_dropout,
+    rollout_batches,
+)
 
 
 def check_ppo_config(cfg: DictConfig) -> None:
     """task=ppo settings that cannot work, refused with a one-line reason before any weights load: task knobs, the
     reward source, and trainer settings manual optimisation cannot honour."""
-    task, trainer = cfg.task, cfg.trainer
-    if task.reward.source not in REWARD_SOURCES:
-        raise ConfigError(f"task.reward.source={task.reward.source!r} is not one of {list(REWARD_SOURCES)}")
-    if task.reward.source == "model" and not task.reward.get("model_path"):
-        raise ConfigError("task.reward.source=model needs task.reward.model_path=<reward run>/adapter")
+    task = cfg.task
+    check_reward_config(task.reward)
     if task.rollout.temperature <= 0 or task.ppo_epochs < 1 or task.minibatch_size < 1:
         raise ConfigError(
             f"task=ppo needs task.rollout.temperature > 0, task.ppo_epochs >= 1 and task.minibatch_size >= 1 (got "
             f"{task.rollout.temperature}, {task.ppo_epochs}, {task.minibatch_size})"
         )
-    if trainer.get("accumulate_grad_batches", 1) != 1:
-        raise ConfigError(
-            f"task=ppo steps its optimizer itself (ppo_epochs x minibatches per rollout batch): set "
-            f"trainer.accumulate_grad_batches=1, not {trainer.accumulate_grad_batches}; a larger rollout batch "
-            "is data.batch_size"
-        )
-    if trainer.get("gradient_clip_val"):
-        raise ConfigError(
-            f"task=ppo clips gradients itself: set trainer.gradient_clip_val=null (it is "
-            f"{trainer.gradient_clip_val}) and use task.max_grad_norm"
-        )
-
-
-def build_reward_fn(reward_cfg: DictConfig, load_run: LoadRun) -> RewardFn:
-    """The reward of ``task.reward``: the data's verifiable scorer, or a trained reward model (a task=reward run's
-    export, loaded with ``load_run``)."""
-    if reward_cfg.source == "model":
-        from tunelab.rewards.model import RewardModelScorer
-        from tunelab.tasks.reward import check_reward_run
-
-        model, tokenizer, run_cfg = load_run(str(reward_cfg.model_path))
-        check_reward_run(run_cfg, str(reward_cfg.model_path))
-        return RewardModelScorer(model, tokenizer)
-    from tunelab.rewards.verifiable import VerifiableReward
-
-    return VerifiableReward()
+    check_manual_optimization(cfg, "ppo_epochs x minibatches")
 
 
 @dataclass
@@ -133,12 +111,6 @@ class Rollout:
 
 def hidden_size(model: torch.nn.Module) -> int:
     return int(model.config.get_text_config().hidden_size)
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
 
 
 class PPOModule(TaskModule):
@@ -186,12 +158,7 @@ class PPOModule(TaskModule):
     def total_training_steps(self) -> int:
         """Scheduler steps of the run = rollout batches: ``max_epochs`` epochs of batches, capped by the batches
         ``trainer.max_steps`` optimizer steps take (``ceil(max_steps / updates_per_batch)``)."""
-        trainer = self.trainer
-        batches = trainer.datamodule.num_train_batches()
-        limits = [batches * trainer.max_epochs] if trainer.max_epochs is not None and trainer.max_epochs > 0 else []
-        if trainer.max_steps > 0:
-            limits.append(math.ceil(trainer.max_steps / self.updates_per_batch(trainer.datamodule.cfg.batch_size)))
-        return min(limits) if limits else batches
+        return rollout_batches(self.trainer, self.updates_per_batch(self.trainer.datamodule.cfg.batch_size))
 
     # --- rollout ---------------------------------------------------------------------------------------------
 
@@ -291,12 +258,7 @@ class PPOModule(TaskModule):
             ]
 
     def _eval_epoch_end(self, stage: str) -> None:
-        metrics = self.stage_metrics[stage]
-        self.log_dict(
-            {f"{stage}/{name}": metric.compute() for name, metric in metrics.items()}, prog_bar=stage == "val"
-        )
-        for metric in metrics.values():
-            metric.reset()
+        self.log_and_reset(stage, self.stage_metrics[stage])
 
 
 def build_ppo(context: BuildContext) -> tuple[PromptDataModule, PPOModule]:

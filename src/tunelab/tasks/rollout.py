@@ -8,6 +8,10 @@ generated in eval mode without gradient; the response mask keeps each row's toke
 EOS. Scores are ``reward_fn(texts, records)`` of the decoded completions (as generated, special tokens left out)
 and the prompts' data records.
 
+Also shared by the RL objectives: :func:`disable_dropout` (so the rollout's log-probs are exactly those of the
+policy being updated), :func:`rollout_batches` (the scheduler's length: one step per rollout batch) and
+:func:`check_manual_optimization` (the trainer settings an objective that steps its own optimizer refuses).
+
 Reward functions follow :data:`RewardFn`; one that holds a model may define ``to(device)``, called before each use
 so that model sits beside the policy (:class:`tunelab.rewards.model.RewardModelScorer` does). The policy is passed
 to each call (see :mod:`tunelab.tasks.reference`).
@@ -15,18 +19,55 @@ to each call (see :mod:`tunelab.tasks.reference`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 
 from tunelab.data.tokenization import IGNORE_INDEX
+from tunelab.errors import ConfigError
 from tunelab.generation import generate_tokens
 from tunelab.tasks.preference_losses import token_logps
 from tunelab.tasks.reference import ReferenceModel
 
 RewardFn = Callable[[list[str], list[dict[str, Any]]], torch.Tensor]
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Every ``nn.Dropout`` of ``model`` off (``p = 0``), as trl does for its RL trainers."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def rollout_batches(trainer: Any, updates_per_batch: int) -> int:
+    """Scheduler steps of an RL run = rollout batches: ``max_epochs`` epochs of batches, capped by the batches
+    ``trainer.max_steps`` optimizer steps take (``ceil(max_steps / updates_per_batch)``)."""
+    batches = trainer.datamodule.num_train_batches()
+    limits = [batches * trainer.max_epochs] if trainer.max_epochs is not None and trainer.max_epochs > 0 else []
+    if trainer.max_steps > 0:
+        limits.append(math.ceil(trainer.max_steps / updates_per_batch))
+    return min(limits) if limits else batches
+
+
+def check_manual_optimization(cfg: DictConfig, updates: str) -> None:
+    """Trainer settings an objective that steps its optimizer itself (``updates`` optimizer steps per rollout batch,
+    in words) cannot honour: gradient accumulation and Lightning's gradient clipping (``task.max_grad_norm`` clips)."""
+    trainer, name = cfg.trainer, cfg.task.name
+    if trainer.get("accumulate_grad_batches", 1) != 1:
+        raise ConfigError(
+            f"task={name} steps its optimizer itself ({updates} per rollout batch): set "
+            f"trainer.accumulate_grad_batches=1, not {trainer.accumulate_grad_batches}; a larger rollout batch "
+            "is data.batch_size"
+        )
+    if trainer.get("gradient_clip_val"):
+        raise ConfigError(
+            f"task={name} clips gradients itself: set trainer.gradient_clip_val=null (it is "
+            f"{trainer.gradient_clip_val}) and use task.max_grad_norm"
+        )
 
 
 def response_mask(response: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -56,13 +97,13 @@ class Completions:
 
 class RolloutEngine:
     """Completions of prompts, their rewards, and their log-probs under the policy and the reference (module
-    docstring)."""
+    docstring); ``reference`` ``None``: an objective without one (GRPO at ``beta = 0``)."""
 
     def __init__(
         self,
         tokenizer: Any,
         reward_fn: RewardFn,
-        reference: ReferenceModel,
+        reference: ReferenceModel | None,
         *,
         temperature: float,
         max_new_tokens: int,
@@ -109,4 +150,6 @@ class RolloutEngine:
         self, policy: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
         """``log pi_ref(a_t)`` [B, R] of the response tokens (0 off the response)."""
+        if self.reference is None:
+            raise RuntimeError("this rollout engine was built without a reference model")
         return self.response_logps(self.reference.logits(policy, input_ids, attention_mask), labels)[0]
