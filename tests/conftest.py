@@ -1,4 +1,4 @@
-"""Shared fixtures: a persistent asset cache, a small synthetic instruction file, config composition."""
+"""Shared fixtures: a persistent asset cache, small synthetic instruction and preference files, config composition."""
 
 from __future__ import annotations
 
@@ -138,13 +138,36 @@ def tiny_overrides(alpaca_file: Path, output_dir: Path) -> list[str]:
     ]
 
 
+def synthetic_preferences(count: int) -> list[dict[str, str]]:
+    """Chosen and rejected state the sum and differ only in the final mark ("." over "!"): a preference a tiny
+    model learns in a few steps and a random one does not hold."""
+    return [
+        {"prompt": f"What is {a} plus {b}?", "chosen": f"It is {a + b}.", "rejected": f"It is {a + b}!"}
+        for a, b in ((i % 13, (7 * i) % 11) for i in range(count))
+    ]
+
+
+@pytest.fixture(scope="module")
+def preference_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prefs") / "prefs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in synthetic_preferences(96)))
+    return path
+
+
 def run_distributed(
     alpaca_file: Path, output_dir: Path, trainer: str, *overrides: str, timeout: int = 600
 ) -> subprocess.CompletedProcess:
-    """``train.py trainer=<trainer>`` on 2 CPU processes (gloo) with the tiny overrides, as a subprocess: inside
-    pytest, Lightning's launcher would re-run the pytest command for rank 1. DeepSpeed's JIT-built CPU op is
-    cached under the asset cache."""
+    """``train.py trainer=<trainer>`` on 2 CPU processes with the tiny overrides (:func:`launch_distributed`)."""
     tiny = [o for o in tiny_overrides(alpaca_file, output_dir) if not o.startswith(("trainer.devices", "trainer.acc"))]
+    return launch_distributed(output_dir, trainer, [*tiny, *overrides], timeout=timeout)
+
+
+def launch_distributed(
+    output_dir: Path, trainer: str, overrides: list[str], *, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``train.py trainer=<trainer> <overrides>`` on 2 CPU processes (gloo), as a subprocess (``env`` added to its
+    environment): inside pytest, Lightning's launcher would re-run the pytest command for rank 1. DeepSpeed's
+    JIT-built CPU op is cached under the asset cache."""
     command = [
         sys.executable,
         "train.py",
@@ -153,13 +176,13 @@ def run_distributed(
         "trainer.devices=2",
         "trainer.precision=32-true",
         f"hydra.run.dir={output_dir}",
-        *tiny,
         *overrides,
     ]
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "TORCH_EXTENSIONS_DIR": str(Path(os.environ["TUNELAB_CACHE"]) / "torch_extensions"),
+        **(env or {}),
     }
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 

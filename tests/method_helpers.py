@@ -7,13 +7,26 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from tunelab.data.collate import TrainingCollator
 from tunelab.data.records import ChatExample
 from tunelab.data.tokenization import encode_example
 from tunelab.tasks.sft import causal_lm_loss
 
-from .conftest import synthetic_pairs
+from .conftest import CONFIGS, synthetic_pairs
+
+
+def method_cfg(name: str):
+    """configs/method/<name>.yaml over the YAMLs its ``defaults`` list extends (as Hydra composes it)."""
+    cfg = OmegaConf.load(CONFIGS / "method" / f"{name}.yaml")
+    parents = [parent for parent in cfg.pop("defaults", []) if parent != "_self_"]
+    cfg = OmegaConf.merge(*(method_cfg(parent) for parent in parents), cfg)
+    if name in ("lora", "dora"):
+        cfg.target_modules = ["q_proj", "v_proj"]
+    if "num_virtual_tokens" in cfg:
+        cfg.num_virtual_tokens = 4
+    return cfg
 
 
 def batch_for(tokenizer) -> dict[str, torch.Tensor]:
@@ -150,6 +163,46 @@ def lora_count(arch: Architecture, cfg) -> int:
     return arch.layers * lora_params(arch, cfg.r, targeted(arch, cfg.target_modules))
 
 
+def dora_count(arch: Architecture, cfg) -> int:
+    """DoRA: LoRA's A and B plus one magnitude per output feature of every targeted Linear of every layer."""
+    magnitudes = sum(arch.linears[name][1] for name in targeted(arch, cfg.target_modules))
+    return lora_count(arch, cfg) + arch.layers * magnitudes
+
+
+def vera_count(arch: Architecture, cfg) -> int:
+    """VeRA: per targeted Linear and layer, the vectors d (r) and b (d_out); the shared A and B are frozen."""
+    return arch.layers * sum(cfg.r + arch.linears[name][1] for name in targeted(arch, cfg.target_modules))
+
+
+def loha_count(arch: Architecture, cfg) -> int:
+    """LoHa: two rank-r pairs B (d_out x r), A (r x d_in) per targeted Linear and layer."""
+    return 2 * lora_count(arch, cfg)
+
+
+def near_square_factors(dim: int) -> tuple[int, int]:
+    """dim = m n with m <= n and m the largest divisor of dim not above its square root."""
+    m = max(k for k in range(1, int(dim**0.5) + 1) if dim % k == 0)
+    return m, dim // m
+
+
+def lokr_count(arch: Architecture, cfg) -> int:
+    """LoKr (``decompose_factor=-1``): d_out = a c and d_in = b e near their square roots; C (a x b) in full, and
+    M (c x e) in full, or as c x r and r x e factors when r < max(c, e) / 2."""
+    assert cfg.decompose_factor == -1
+
+    def per_linear(d_in: int, d_out: int) -> int:
+        (a, c), (b, e) = near_square_factors(d_out), near_square_factors(d_in)
+        return a * b + (cfg.r * (c + e) if cfg.r < max(c, e) / 2 else c * e)
+
+    return arch.layers * sum(per_linear(*arch.linears[name]) for name in targeted(arch, cfg.target_modules))
+
+
+def adalora_count(arch: Architecture, cfg) -> int:
+    """AdaLoRA at init_r: P (d_out x r), Q (r x d_in) and the r entries of Lambda per targeted Linear and layer."""
+    names = targeted(arch, cfg.target_modules)
+    return arch.layers * (lora_params(arch, cfg.init_r, names) + cfg.init_r * len(names))
+
+
 def adapter_count(arch: Architecture, cfg) -> int:
     """A bottleneck on the d-wide output of each position in ``cfg.positions``, every layer."""
     return arch.layers * len(cfg.positions) * bottleneck_params(arch.hidden, cfg.bottleneck_size)
@@ -171,8 +224,13 @@ def unipelt_count(arch: Architecture, cfg) -> int:
 
 CLOSED_FORMS: dict[str, Callable[[Architecture, Any], int]] = {
     "lora": lora_count,
+    "dora": dora_count,
     "qlora": lora_count,
     "ia3": ia3_count,
+    "vera": vera_count,
+    "loha": loha_count,
+    "lokr": lokr_count,
+    "adalora": adalora_count,
     "prompt": lambda arch, cfg: cfg.num_virtual_tokens * arch.hidden,  # an n x d prompt
     "ptuning": ptuning_count,
     "prefix": prefix_params,

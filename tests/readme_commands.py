@@ -18,7 +18,13 @@ README = ROOT / "README.md"
 PROGRAMS = ("train.py", "evaluate.py", "generate.py", "-m", "benchmarks/", "scripts/")
 
 STAND_INS = ("debug=fast", "trainer.enable_progress_bar=false")
-TINY_MODELS = {"smollm2_135m": "tiny", "smollm2_135m_half": "tiny", "minilm_l6": "tiny_bert", "minilm_l3": "tiny_bert"}
+TINY_MODELS = {
+    "smollm2_135m": "tiny",
+    "smollm2_135m_half": "tiny",
+    "minilm_l6": "tiny_bert",
+    "minilm_l3": "tiny_bert",
+    "qwen3_30b_a3b": "tiny_moe",
+}
 # Optuna's 20 trials shrink to 1 (a basic sweep runs the first value of each swept key: ``first_value``)
 SWEEP_STAND_INS = {"hparams_search=lora_optuna": ("hydra.sweeper.n_trials=1",)}
 

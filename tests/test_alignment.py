@@ -4,7 +4,6 @@ the on-disk reference cache, and combinations that cannot work refused at config
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -21,22 +20,6 @@ from tunelab.tasks.preference_losses import dpo_loss
 from tunelab.train import train
 
 from .conftest import tiny_overrides
-
-
-def synthetic_preferences(count: int) -> list[dict[str, str]]:
-    """Chosen and rejected state the sum and differ only in the final mark ("." over "!"): a preference a tiny
-    model learns in a few steps and a random one does not hold."""
-    return [
-        {"prompt": f"What is {a} plus {b}?", "chosen": f"It is {a + b}.", "rejected": f"It is {a + b}!"}
-        for a, b in ((i % 13, (7 * i) % 11) for i in range(count))
-    ]
-
-
-@pytest.fixture(scope="module")
-def preference_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prefs") / "prefs.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in synthetic_preferences(96)))
-    return path
 
 
 def alignment_overrides(task: str, preference_file, output_dir) -> list[str]:

@@ -59,7 +59,7 @@ def build_grpo(cfg: DictConfig, data_cfg: DictConfig, reward_fn, module_class: t
 
 def test_grpo_is_registered_from_its_own_file():
     objective = OBJECTIVES["grpo"]
-    assert objective.data_kind == "prompts" and objective.build.__module__ == "tunelab.tasks.grpo"
+    assert objective.data_kind == "prompts" and objective.check.__module__ == "tunelab.tasks.grpo"
 
 
 CONFIG_ERRORS = {
@@ -73,6 +73,8 @@ CONFIG_ERRORS = {
     "task.loss_type=dr_grpo task.scale_rewards=true": "set task.scale_rewards=false",
     "task.overlong_cache=9": "task.overlong_cache=9 must be in (0, task.rollout.max_new_tokens=8]",
     "task.reward.source=human": "task.reward.source='human' is not one of",
+    "task.dynamic_sampling=drop": "task.dynamic_sampling in ['skip', 'resample', 'off']",
+    "task.max_resample_batches=-1": "task.max_resample_batches >= 0",
     "trainer.accumulate_grad_batches=2": "trainer.accumulate_grad_batches=1, not 2",
     "trainer.gradient_clip_val=1.0": "trainer.gradient_clip_val=null",
 }
@@ -119,7 +121,7 @@ def test_num_iterations_use_the_sampling_log_probs(compose_cfg, tmp_path, monkey
 
     monkeypatch.setattr(grpo, "policy_loss", spy)
     overrides = ("method=full", "task.num_iterations=2", "task.optimizer.lr=1e-2", "trainer.max_steps=2")
-    cfg = compose_cfg(grpo_overrides(tmp_path, *overrides, "task.drop_zero_variance=false"))
+    cfg = compose_cfg(grpo_overrides(tmp_path, *overrides, "task.dynamic_sampling=off"))
     data_cfg = prompt_data_cfg(write_jsonl(tmp_path / "p.jsonl", counting_prompts(20)), batch_size=3)
     module, datamodule = build_grpo(cfg, data_cfg, lambda texts, records: torch.rand(len(texts)))
     trainer = ppo_trainer(cfg, module, callbacks=[])
@@ -210,10 +212,15 @@ def test_zero_variance_groups_are_dropped_from_the_update_and_counted(compose_cf
 
 
 def test_rloo_is_registered_and_refuses_what_grpo_refuses(compose_cfg, tmp_path):
-    assert OBJECTIVES["rloo"].build.__module__ == "tunelab.tasks.rloo"
+    assert OBJECTIVES["rloo"].check.__module__ == "tunelab.tasks.rloo"
     overrides = [o.replace("task=grpo", "task=rloo") for o in grpo_overrides(tmp_path)]
     OBJECTIVES["rloo"].check(compose_cfg(overrides), METHODS["lora"])
-    for bad, reason in (("task.num_generations=1", "at least 2"), ("task.epsilon_low=-1", "0 <= epsilon_low")):
+    refused = {
+        "task.num_generations=1": "at least 2",
+        "task.epsilon_low=-1": "0 <= epsilon_low",
+        "task.beta=-1": "beta >= 0",
+    }
+    for bad, reason in refused.items():
         with pytest.raises(ConfigError, match=re.escape(reason)):
             OBJECTIVES["rloo"].check(compose_cfg([*overrides, bad]), METHODS["lora"])
 
@@ -249,3 +256,145 @@ def test_rloo_short_run_uses_leave_one_out_advantages_and_no_reference(compose_c
     torch.testing.assert_close(seen[0], expected)
     for key in ("train/reward_mean", "train/policy_loss", "train/clip_fraction", "train/zero_variance_share"):
         assert all(math.isfinite(value) for value in logged(tmp_path, key)), key
+
+
+def test_concatenated_completions_keep_every_row(compose_cfg, tmp_path):
+    """Two rollouts of different prompt and response lengths as one: each row's unpadded tokens, response mask,
+    labels and text are those of its own rollout; the padding is outside both masks."""
+    from tunelab.tasks.rollout import Completions, concat_completions
+
+    def completions(prompt: int, response: int, rows: int, seed: int) -> Completions:
+        generator = torch.Generator().manual_seed(seed)
+        ids = torch.randint(3, 50, (rows, prompt + response), generator=generator)
+        mask = torch.rand(rows, response, generator=generator) < 0.7
+        return Completions(ids, torch.ones_like(ids), mask, mask.all(-1), [f"{seed}-{row}" for row in range(rows)])
+
+    first, second = completions(3, 5, 2, 0), completions(6, 2, 3, 1)
+    joined = concat_completions([first, second], pad_token_id=0)
+    assert joined.input_ids.shape == (5, 6 + 5) and joined.texts == [*first.texts, *second.texts]
+    for rows, part, prompt, response in ((slice(0, 2), first, 3, 5), (slice(2, 5), second, 6, 2)):
+        ids = joined.input_ids[rows, 6 - prompt : 6 + response]
+        assert torch.equal(ids, part.input_ids) and torch.equal(joined.mask[rows, :response], part.mask)
+        assert torch.equal(joined.labels[rows, : response + 1], part.labels)
+        assert (joined.labels[rows, response + 1 :] == -100).all() and not joined.mask[rows, response:].any()
+        assert (joined.attention_mask[rows, : 6 - prompt] == 0).all()
+        assert (joined.attention_mask[rows, 6 + response :] == 0).all()
+    assert torch.equal(joined.ended, torch.cat([first.ended, second.ended]))
+
+
+@pytest.mark.parametrize("mode", ["resample", "skip"])
+def test_dynamic_sampling_resamples_until_the_batch_has_signal(compose_cfg, tmp_path, monkeypatch, mode):
+    """A prompt whose answer is not a multiple of 3 gets reward 1 on every completion (no signal), the others a
+    random one. ``resample`` draws more batches of 3 prompts until 3 groups have signal (at most 2 more): each step's
+    update holds ``min(3, signal groups drawn) G`` rows and ``train/resampled_batches`` counts the extra batches;
+    ``skip`` never draws more and updates on its own signal groups only."""
+    import tunelab.tasks.grpo as grpo
+
+    generations, calls, updated_rows = 4, [], []
+    original = grpo.policy_loss
+
+    def reward(texts: list[str], records: list[dict]) -> torch.Tensor:
+        if len(texts) == 3 * generations:  # a training batch (validation scores 4 greedy answers)
+            calls.append(sum(int(record["answer"]) % 3 == 0 for record in records[::generations]))
+        return torch.tensor([torch.rand(()).item() if int(r["answer"]) % 3 == 0 else 1.0 for r in records])
+
+    def spy(logps, old_logps, advantages, *args, **kwargs):
+        updated_rows.append(len(advantages))
+        return original(logps, old_logps, advantages, *args, **kwargs)
+
+    monkeypatch.setattr(grpo, "policy_loss", spy)
+    overrides = (f"task.dynamic_sampling={mode}", "task.max_resample_batches=2", "task.chunk_size=64")
+    cfg = compose_cfg(grpo_overrides(tmp_path, *overrides, "trainer.max_steps=3"))
+    data_cfg = prompt_data_cfg(write_jsonl(tmp_path / "p.jsonl", counting_prompts(32)), batch_size=3)
+    module, datamodule = build_grpo(cfg, data_cfg, reward)
+    trainer = ppo_trainer(cfg, module, callbacks=[])
+    trainer.fit(module, datamodule=datamodule)
+
+    resampled = [int(count) for count in logged(tmp_path, "train/resampled_batches")]
+    expected_rows, expected_resampled, start = [], [], 0
+    while start < len(calls) and len(expected_rows) < len(resampled):
+        drawn = 1
+        while mode == "resample" and drawn <= 2 and sum(calls[start : start + drawn]) < 3:
+            drawn += 1
+        expected_resampled.append(drawn - 1)
+        expected_rows.append(min(3, sum(calls[start : start + drawn])) * generations)
+        start += drawn
+    assert start == len(calls) and resampled == expected_resampled, (calls, resampled)
+    assert updated_rows == [rows for rows in expected_rows if rows], (calls, updated_rows)
+    if mode == "resample":
+        assert sum(resampled) > 0  # measured: most steps draw more
+    else:
+        assert sum(resampled) == 0
+
+
+def test_the_objective_samples_through_its_generation_engine(compose_cfg, tmp_path):
+    """A :class:`GenerationEngine` swapped in (here: transformers' generate, recording each call) samples every
+    rollout and validation answer: the objective needs no change, and the engine gets the policy and the
+    temperature (``None``: greedy)."""
+    from tunelab.tasks.rollout import TransformersEngine
+
+    calls: list[tuple[int, float | None]] = []
+
+    class Recording(TransformersEngine):
+        def generate(self, policy, prompts, temperature):
+            assert policy is module.model
+            calls.append((len(prompts["input_ids"]), temperature))
+            return super().generate(policy, prompts, temperature)
+
+    cfg = compose_cfg(grpo_overrides(tmp_path, "trainer.max_steps=1", "task.dynamic_sampling=off"))
+    data_cfg = prompt_data_cfg(write_jsonl(tmp_path / "p.jsonl", counting_prompts(20)), batch_size=3)
+    module, datamodule = build_grpo(cfg, data_cfg, lambda texts, records: torch.rand(len(texts)))
+    module.engine.generator = Recording(module.engine.tokenizer, NEW_TOKENS)
+    trainer = ppo_trainer(cfg, module, callbacks=[])
+    trainer.fit(module, datamodule=datamodule)
+    assert calls == [(3 * cfg.task.num_generations, 1.0)]  # the training batch, sampled at task.rollout.temperature
+    trainer.validate(module, datamodule=datamodule)
+    assert calls[1:] == [(4, None)]  # validation: 4 prompts, greedy
+
+
+def test_rloo_beta_penalizes_the_reward_with_the_sequence_kl(compose_cfg, tmp_path, monkeypatch):
+    """task=rloo with beta > 0 (method=full: the reference is a frozen copy, and the policy is perturbed after it is
+    taken so the KL is not 0): the loss's advantages are the leave-one-out ones of ``r - beta KL`` with
+    ``KL_i = sum_t m_t (log pi_old - log pi_ref)`` of the very log-probs the update and the reference give, and
+    ``train/kl`` is its mean per completion token."""
+    import tunelab.tasks.rloo as rloo
+    from tunelab.tasks.grpo_losses import leave_one_out_advantages
+
+    beta, rewards, losses, references = 0.1, [], [], []
+    original_loss = rloo.sequence_ratio_loss
+
+    def reward(texts: list[str], records: list[dict]) -> torch.Tensor:
+        rewards.append(torch.rand(len(texts)))
+        return rewards[-1]
+
+    def spy(logps, old_logps, advantages, mask, **kwargs):
+        losses.append((old_logps, advantages, mask))
+        return original_loss(logps, old_logps, advantages, mask, **kwargs)
+
+    monkeypatch.setattr(rloo, "sequence_ratio_loss", spy)
+    overrides = [o.replace("task=grpo", "task=rloo") for o in grpo_overrides(tmp_path, "trainer.max_steps=1")]
+    extra = ["method=full", f"task.beta={beta}", "task.chunk_size=64", "task.dynamic_sampling=off"]
+    cfg = compose_cfg([*overrides, *extra])
+    OBJECTIVES["rloo"].check(cfg, METHODS["full"])
+    data_cfg = prompt_data_cfg(write_jsonl(tmp_path / "p.jsonl", counting_prompts(20)), batch_size=3)
+    module, datamodule = build_grpo(cfg, data_cfg, reward, rloo.RLOOModule)
+    assert module.engine.reference is not None and module.beta == 0  # the KL is on the reward, not in the loss
+    original_reference = module.engine.reference_logps
+
+    def reference_spy(*args):
+        references.append(original_reference(*args))
+        return references[-1]
+
+    module.engine.reference_logps = reference_spy
+    with torch.no_grad():
+        for param in module.model.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    trainer = ppo_trainer(cfg, module, callbacks=[])
+    trainer.fit(module, datamodule=datamodule)
+
+    (old_logps, advantages, mask), (reference,) = losses[0], references
+    kl = ((old_logps - reference) * mask).sum(-1)
+    assert kl.abs().max() > 1e-3
+    expected, _ = leave_one_out_advantages(rewards[0] - beta * kl, cfg.task.num_generations)
+    torch.testing.assert_close(advantages, expected, rtol=0, atol=1e-6)
+    assert logged(tmp_path, "train/kl") == pytest.approx([(kl.sum() / mask.sum()).item()], rel=1e-6)

@@ -22,6 +22,7 @@ from tunelab.tasks.grpo_losses import (
     leave_one_out_advantages,
     log_importance_weights,
     policy_loss,
+    sequence_kl,
     sequence_ratio_loss,
     soft_overlong_penalty,
     truncation_mask,
@@ -204,15 +205,25 @@ def test_rloo_by_hand():
     assert whitened[0].item() == pytest.approx(0.75 / (math.sqrt(2 * 0.75**2 / 5) + 1e-4), abs=1e-12)
 
 
+def test_rloo_sequence_kl_by_hand():
+    """Summed first-order log ratio over each completion's tokens: row 0 (0.1 - 0.1 + 0.2 + 0.3), row 1 (-0.1 + 0.1,
+    its two masked tokens left out), row 3 negative (-0.8 vs -0.6: not k3, which is never below 0)."""
+    data = inputs()
+    kl = sequence_kl(data["old_logps"], data["ref_logps"], data["mask"])
+    assert kl[[0, 1, 3]].tolist() == pytest.approx([0.5, 0.0, -0.2], abs=1e-12)
+
+
 # trl's nanstd computes Bessel's correction count / (count - 1) as a float32 tensor (6 / 5 = 1.2000000477), so its
 # batch-whitened RLOO advantages are off by 3e-8 from the float64 formula; the group std of GRPO (3 / 2) is exact.
 NANSTD_TOLERANCE = 1e-7
 
 
-@pytest.mark.parametrize("case", REFERENCE["rloo"], ids=lambda case: f"normalize{case['normalize']}")
+@pytest.mark.parametrize("case", REFERENCE["rloo"], ids=lambda case: f"normalize{case['normalize']}-beta{case['beta']}")
 def test_rloo_equals_stored_trl_values(case):
+    """trl's RLOO advantages (with ``beta`` x the sequence KL subtracted from the rewards first) and loss."""
     data = inputs()
-    advantages, _ = leave_one_out_advantages(data["rewards"], G, normalize=case["normalize"])
+    rewards = data["rewards"] - case["beta"] * sequence_kl(data["old_logps"], data["ref_logps"], data["mask"])
+    advantages, _ = leave_one_out_advantages(rewards, G, normalize=case["normalize"])
     tolerance = NANSTD_TOLERANCE if case["normalize"] else TOLERANCE
     assert advantages.tolist() == pytest.approx(case["advantages"], abs=tolerance)
     result = sequence_ratio_loss(
@@ -258,7 +269,7 @@ def test_stored_trl_reference_is_what_the_installed_trl_gives():
         for key in ("loss", "clip_region", "kl"):
             assert now[key] == pytest.approx(stored[key], abs=TOLERANCE), f"{case_id(now)} {key}: {versions}"
     for now, stored in zip(fresh["rloo"], REFERENCE["rloo"], strict=True):
-        assert now["normalize"] == stored["normalize"]
+        assert (now["normalize"], now["beta"]) == (stored["normalize"], stored["beta"])
         for key in ("loss", "clip_region"):
             assert now[key] == pytest.approx(stored[key], abs=TOLERANCE), f"rloo {key}: {versions}"
         assert now["advantages"] == pytest.approx(stored["advantages"], abs=TOLERANCE), versions

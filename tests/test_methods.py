@@ -21,27 +21,22 @@ from .method_helpers import (
     batch_for,
     closed_form_trainable,
     llama_architecture,
+    method_cfg,
     perturb_trainable,
     sft_loss,
 )
 
-ADAPTER_METHODS = ["lora", "ia3", "prompt", "ptuning", "prefix", "ptuning_v2", "adapter", "mam", "unipelt"]
-MERGEABLE = ["lora", "ia3"]
+ADAPTER_METHODS = [
+    *["lora", "dora", "ia3", "prompt", "ptuning", "prefix", "ptuning_v2", "adapter", "mam", "unipelt"],
+    *["vera", "loha", "lokr", "adalora"],
+]
+MERGEABLE = ["lora", "dora", "ia3", "vera", "loha", "lokr", "adalora"]
 
 
 @pytest.fixture(scope="module")
 def tiny_cfg(cache_dir):
     cfg = OmegaConf.load(CONFIGS / "model" / "tiny.yaml")
     return cfg, str(cache_dir)
-
-
-def method_cfg(name: str):
-    cfg = OmegaConf.load(CONFIGS / "method" / f"{name}.yaml")
-    if name == "lora":
-        cfg.target_modules = ["q_proj", "v_proj"]
-    if "num_virtual_tokens" in cfg:
-        cfg.num_virtual_tokens = 4
-    return cfg
 
 
 def fresh_base(tiny_cfg):
@@ -91,8 +86,9 @@ def test_save_load_round_trip_and_disable_restore_the_right_logits(name, tiny_cf
 
 @pytest.mark.parametrize("name", MERGEABLE)
 def test_zero_update_methods_start_at_exactly_the_base_model(name, tiny_cfg):
-    """LoRA (B = 0) and IA3 (scales of 1) add nothing before the first step: the logits are the base model's, bit for
-    bit (experiments/method_comparison: lora, ia3, bitfit and full start at exactly the base model's val loss)."""
+    """LoRA (B = 0), DoRA (B = 0, m = ||W||_c), IA3 (scales of 1), VeRA (b = 0), LoHa (A2 = 0), LoKr (C = 0) and
+    AdaLoRA (Lambda = 0) add nothing before the first step: the logits are the base model's, bit for bit
+    (experiments/method_comparison: lora, ia3, bitfit and full start at exactly the base model's val loss)."""
     model, tokenizer = adapted(name, tiny_cfg)
     batch = batch_for(tokenizer)
     base = fresh_base(tiny_cfg).model.eval()
@@ -131,7 +127,11 @@ def test_soft_prompts_refuse_gradient_checkpointing(tiny_cfg):
 
 
 @pytest.mark.parametrize(
-    "name", ["ia3", "prompt", "ptuning", "prefix", "ptuning_v2", "bitfit", "adapter", "mam", "unipelt"]
+    "name",
+    [
+        *["dora", "ia3", "prompt", "ptuning", "prefix", "ptuning_v2", "bitfit", "adapter", "mam", "unipelt"],
+        *["vera", "loha", "lokr", "adalora"],
+    ],
 )
 def test_method_runs_the_sft_pipeline(name, alpaca_file, compose_cfg, tmp_path):
     import math
@@ -194,6 +194,10 @@ def test_bitfit_can_refuse_models_without_biases(tiny_cfg):
         (["method=mam", "model.config.model_type=bert"], "adapts the 'ffn' sublayer, which model_type='bert'"),
         (["method=adapter", "model.config.model_type=gpt2"], "not 'gpt2'; use method=lora"),
         (["method=qlora", "trainer=fsdp"], "set method.quant_storage=bfloat16"),
+        (["method=adalora", "method.target_r=20"], r"must be a whole rank in \[1, method.init_r=12\]"),
+        (["method=adalora", "method.init_r=0"], r"method.init_r=0 must be a whole rank >= 1"),
+        (["method=adalora", "method.beta1=1.0"], r"method.beta1=1.0 must lie in \(0, 1\)"),
+        (["method=vera", "method.r=0"], "method.r=0 must be a whole rank >= 1"),
     ],
 )
 def test_impossible_method_combinations_fail_at_config_time(overrides, message, alpaca_file, compose_cfg, tmp_path):
@@ -206,3 +210,39 @@ def test_impossible_method_combinations_fail_at_config_time(overrides, message, 
     cfg = compose_cfg([*tiny_overrides(alpaca_file, tmp_path), *overrides])
     with pytest.raises(ConfigError, match=message):
         check_method_fits_model(cfg, METHODS[cfg.method.name], head="causal_lm")
+
+
+def test_vera_shares_one_random_projection_drawn_from_its_key(tiny_cfg):
+    """Every VeRA layer reads the model's one frozen A and B (sliced to its shape), drawn from projection_prng_key:
+    the same key draws the same A, another key another."""
+    from peft.tuners.vera import VeraLayer
+
+    def projections(key: int):
+        loaded = fresh_base(tiny_cfg)
+        cfg = method_cfg("vera")
+        cfg.projection_prng_key = key
+        model = apply_method(loaded.model, cfg, loaded.tokenizer)
+        return model, model.base_model.vera_A["default"], model.base_model.vera_B["default"]
+
+    model, shared_a, shared_b = projections(0)
+    layers = [m for m in model.modules() if isinstance(m, VeraLayer)]
+    assert len(layers) == 2 * 7
+    assert all(m.vera_A["default"] is shared_a and m.vera_B["default"] is shared_b for m in layers)
+    assert not shared_a.requires_grad and not shared_b.requires_grad
+    assert torch.equal(projections(0)[1], shared_a) and not torch.equal(projections(1)[1], shared_a)
+
+
+@pytest.mark.parametrize("name", ["loha", "lokr"])
+def test_lycoris_module_dropout_reaches_peft(name, tiny_cfg):
+    """method.module_dropout=1 skips every LoHa / LoKr update in training (base logits) and none in eval."""
+    loaded = fresh_base(tiny_cfg)
+    cfg = method_cfg(name)
+    cfg.module_dropout = 1.0
+    model = apply_method(loaded.model, cfg, loaded.tokenizer)
+    perturb_trainable(model)
+    batch = batch_for(loaded.tokenizer)
+    base = fresh_base(tiny_cfg).model.eval()
+    with torch.no_grad():
+        base_logits = aligned_logits(base, batch)
+        torch.testing.assert_close(aligned_logits(model.train(), batch), base_logits, atol=1e-6, rtol=0)
+        assert not torch.allclose(aligned_logits(model.eval(), batch), base_logits, atol=1e-4)

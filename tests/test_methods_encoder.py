@@ -9,25 +9,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from tunelab.errors import ConfigError
 from tunelab.export import export_adapter, load_exported
 from tunelab.methods import apply_method
 from tunelab.methods.inhouse import adapters_disabled
 
-from .conftest import CONFIGS
 from .method_helpers import (
     Architecture,
     assert_steps_change_exactly,
     assert_trainable_count,
     closed_form_trainable,
+    method_cfg,
     perturb_trainable,
 )
 
-ENCODER_METHODS = ["lora", "ia3", "prompt", "ptuning", "prefix", "ptuning_v2", "adapter", "unipelt"]
+ENCODER_METHODS = ["lora", "dora", "ia3", "prompt", "ptuning", "prefix", "ptuning_v2", "adapter", "unipelt"]
 ENCODER_TARGETS = {
     "lora": {"target_modules": ["query", "value"]},
+    "dora": {"target_modules": ["query", "value"]},
     "ia3": {"target_modules": ["key", "value", "output.dense"], "feedforward_modules": ["output.dense"]},
 }
 
@@ -73,11 +73,9 @@ def bert_architecture(config) -> Architecture:
 
 
 def encoder_method_cfg(name: str):
-    cfg = OmegaConf.load(CONFIGS / "method" / f"{name}.yaml")
+    cfg = method_cfg(name)
     for key, value in ENCODER_TARGETS.get(name, {}).items():
         cfg[key] = value
-    if "num_virtual_tokens" in cfg:
-        cfg.num_virtual_tokens = 4
     if name == "prompt":
         cfg.init = "vocab"  # text init needs a tokenizer; this test has none
     return cfg
@@ -138,7 +136,7 @@ def test_save_load_round_trip_and_disable_restore_the_right_logits(name, tmp_pat
             torch.testing.assert_close(logits(model, inputs), base_logits, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["lora", "ia3"])
+@pytest.mark.parametrize("name", ["lora", "dora", "ia3"])
 def test_merged_logits_equal_adapter_logits(name):
     model = adapted_bert(name)
     perturb_trainable(model)

@@ -62,3 +62,21 @@ def test_adamw_matches_reference_with_decay_on_matrices_only(fused):
     assert rates[0] == 0.0 and rates[2] == pytest.approx(1e-2)
     for ours, theirs in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_groups_put_decayed_first_and_scale_each_groups_lr():
+    """Decayed groups come first whatever the parameter order (the two groups of earlier runs' checkpoints, in
+    their order), then by lr scale; each group's lr is lr * its scale."""
+    from tunelab.tasks.optim import parameter_groups
+
+    model = torch.nn.Sequential(torch.nn.LayerNorm(4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    plain = parameter_groups(model, 0.1, 1e-3)
+    assert [[p.shape for p in g["params"]] for g in plain] == [[(4, 4), (2, 4)], [(4,), (4,), (4,), (2,)]]
+    assert [(g["weight_decay"], g["lr"]) for g in plain] == [(0.1, 1e-3), (0.0, 1e-3)]
+    scaled = parameter_groups(model, 0.1, 1e-3, lambda name: 4.0 if name.startswith("2.") else 1.0)
+    assert [(len(g["params"]), g["weight_decay"], g["lr"]) for g in scaled] == [
+        (1, 0.1, 1e-3),
+        (1, 0.1, 4e-3),
+        (3, 0.0, 1e-3),
+        (1, 0.0, 4e-3),
+    ]

@@ -363,7 +363,7 @@ def reward_model(adapter: Path, cache_dir: Path):
     from functools import partial
 
     from tunelab.runs import load_export
-    from tunelab.tasks.ppo import build_reward_fn
+    from tunelab.tasks.reward_sources import build_reward_fn
 
     reward_cfg = OmegaConf.create({"source": "model", "model_path": str(adapter)})
     return build_reward_fn(reward_cfg, partial(load_export, cache_dir=str(cache_dir)))
@@ -379,7 +379,7 @@ def test_reward_model_loads_from_a_reward_run(compose_cfg, tokenizer, tmp_path, 
     adapter = reward_run(compose_cfg, tmp_path / "reward_run", tokenizer, task="reward")
     scorer = reward_model(adapter, cache_dir)
     expected = tiny_reward_model(tokenizer)
-    ids = torch.tensor([scorer.conversation_ids("5", PLAIN)])
+    ids = torch.tensor([scorer.reward.conversation_ids("5", PLAIN)])  # the scorer inside its CheckedReward
     with torch.no_grad():
         assert scorer(["5"], [PLAIN]).item() == pytest.approx(expected(input_ids=ids).logits[0, 0].item(), abs=1e-5)
 

@@ -1,5 +1,5 @@
-"""Alignment losses: DPO against values stored from trl's DPOTrainer (and that file against the installed trl),
-hand-worked values for reward, DPO and PPO pieces."""
+"""Alignment losses: DPO, KTO, ORPO, SimPO and CPO against values stored from trl's trainers (and those files
+against the installed trl), hand-worked values for reward, DPO, KTO, ORPO, SimPO, CPO and PPO pieces."""
 
 from __future__ import annotations
 
@@ -16,12 +16,17 @@ from tunelab.tasks.preference_losses import (
     bradley_terry_loss,
     clipped_policy_loss,
     clipped_value_loss,
+    cpo_loss,
     dpo_loss,
     entropy_from_logits,
     gae,
     kl_shaped_rewards,
+    kto_loss,
+    kto_reference_point,
+    orpo_loss,
     per_token_kl,
     sequence_logps,
+    simpo_loss,
     whiten,
 )
 
@@ -31,6 +36,9 @@ TRL_REFERENCE = json.loads(REFERENCE_FILE.read_text())
 # the log-ratios by the lengths, the test each log-prob) to 7e-15 on losses of ~25. float32 inputs would be off
 # by up to 4e-6, so the check is float64's.
 TOLERANCE = 1e-12
+PREFERENCE_FILE = Path(__file__).parent / "data" / "trl_preference_reference.json"
+TRL_PREFERENCE = json.loads(PREFERENCE_FILE.read_text())
+ORPO_TOLERANCE = 2e-6  # trl computes ORPO's odds ratio in float32 (losses of ~2: float32's 2.4e-7 relative step)
 
 
 def case_id(case: dict) -> str:
@@ -192,3 +200,123 @@ def test_entropy_from_logits():
     entropy = entropy_from_logits(logits)
     torch.testing.assert_close(entropy[:2], torch.tensor([math.log(4), 0.0]))
     torch.testing.assert_close(entropy, torch.distributions.Categorical(logits=logits).entropy())
+
+
+def stored_replies() -> dict[str, torch.Tensor]:
+    """The preference file's summed reply log-probs, their length-averaged means and the chosen reply's per-token
+    NLL ``-sum / length`` (float64)."""
+    pairs = {name: torch.tensor(values, dtype=torch.float64) for name, values in TRL_PREFERENCE["pairs"].items()}
+    return {
+        "chosen": pairs["chosen"],
+        "rejected": pairs["rejected"],
+        "chosen_mean": pairs["chosen"] / pairs["chosen_lengths"],
+        "rejected_mean": pairs["rejected"] / pairs["rejected_lengths"],
+        "chosen_nll": -pairs["chosen"] / pairs["chosen_lengths"],
+    }
+
+
+@pytest.mark.parametrize("case", TRL_PREFERENCE["orpo"], ids=lambda case: f"beta{case['beta']}")
+def test_orpo_loss_equals_stored_trl_values(case):
+    replies = stored_replies()
+    losses, chosen, _ = orpo_loss(replies["chosen_mean"], replies["rejected_mean"], lam=case["beta"])
+    assert losses.tolist() == pytest.approx(case["losses"], rel=0, abs=ORPO_TOLERANCE)
+    assert chosen.tolist() == pytest.approx((case["beta"] * replies["chosen_mean"]).tolist(), rel=0, abs=TOLERANCE)
+
+
+@pytest.mark.parametrize("case", TRL_PREFERENCE["simpo"], ids=lambda case: f"beta{case['beta']}-gamma{case['gamma']}")
+def test_simpo_loss_equals_stored_trl_values(case):
+    replies = stored_replies()
+    losses, _, _ = simpo_loss(replies["chosen_mean"], replies["rejected_mean"], beta=case["beta"], gamma=case["gamma"])
+    assert_matches(losses, case["losses"], "simpo losses")
+
+
+@pytest.mark.parametrize("case", TRL_PREFERENCE["cpo"], ids=lambda case: f"beta{case['beta']}-alpha{case['alpha']}")
+def test_cpo_loss_equals_stored_trl_values(case):
+    replies = stored_replies()
+    losses, _, _ = cpo_loss(
+        replies["chosen"], replies["rejected"], replies["chosen_nll"], beta=case["beta"], alpha=case["alpha"]
+    )
+    assert_matches(losses, case["losses"], "cpo losses")
+
+
+def kto_case_id(case: dict) -> str:
+    return f"batch{case['batch']}-beta{case['beta']}-w{case['desirable_weight']}-{case['undesirable_weight']}"
+
+
+@pytest.mark.parametrize("case", TRL_PREFERENCE["kto"], ids=kto_case_id)
+def test_kto_loss_equals_stored_trl_values(case):
+    """The batch mean loss, the reference point ``z0`` (trl's ``kl`` metric) and the mean rewards of each label."""
+    batch = {k: torch.tensor(v, dtype=torch.float64) for k, v in TRL_PREFERENCE["kto_batches"][case["batch"]].items()}
+    desirable = batch["label"].bool()
+    z0 = kto_reference_point(batch["kl_logps"], batch["kl_ref_logps"])
+    losses, rewards = kto_loss(
+        batch["logps"],
+        batch["ref_logps"],
+        desirable,
+        z0,
+        beta=case["beta"],
+        desirable_weight=case["desirable_weight"],
+        undesirable_weight=case["undesirable_weight"],
+    )
+    assert z0.item() == pytest.approx(case["kl"], rel=0, abs=TOLERANCE)
+    assert losses.mean().item() == pytest.approx(case["loss"], rel=0, abs=TOLERANCE)
+    assert rewards[desirable].mean().item() == pytest.approx(case["chosen_rewards"], rel=0, abs=TOLERANCE)
+    assert rewards[~desirable].mean().item() == pytest.approx(case["rejected_rewards"], rel=0, abs=TOLERANCE)
+
+
+def test_stored_trl_preference_reference_is_what_the_installed_trl_gives():
+    """The stored KTO / ORPO / SimPO / CPO file against trl itself (a dev dependency: not skipped); regenerate with
+    ``python -m tests.data.make_trl_preference_reference``."""
+    from .data import make_trl_preference_reference
+
+    fresh = make_trl_preference_reference.reference_table()
+    assert (fresh["pairs"], fresh["kto_batches"]) == (TRL_PREFERENCE["pairs"], TRL_PREFERENCE["kto_batches"])
+    for loss in ("orpo", "simpo", "cpo", "kto"):
+        assert len(fresh[loss]) == len(TRL_PREFERENCE[loss]), loss
+        for now, stored in zip(fresh[loss], TRL_PREFERENCE[loss], strict=True):
+            assert now.keys() == stored.keys(), loss
+            for key, value in now.items():
+                assert value == pytest.approx(stored[key], rel=0, abs=TOLERANCE), (
+                    f"{loss} {key}: {fresh['trl_version']}"
+                )
+
+
+def test_orpo_simpo_cpo_hand_values():
+    # ORPO: P_c = 0.5 (odds 1), P_r = 0.25 (odds 1/3): log odds ratio log 3, -log sigmoid(log 3) = log(4/3)
+    chosen, rejected = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    losses, chosen_reward, _ = orpo_loss(chosen, rejected, lam=0.5)
+    assert losses.item() == pytest.approx(math.log(2) + 0.5 * math.log(4 / 3), abs=1e-6)
+    assert chosen_reward.item() == pytest.approx(0.5 * math.log(0.5))
+    # SimPO: beta (m_c - m_r) - gamma = 2 * 1 - 1 = 1
+    losses, _, _ = simpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), beta=2.0, gamma=1.0)
+    assert losses.item() == pytest.approx(math.log1p(math.exp(-1.0)), abs=1e-6)
+    # CPO: beta (l_c - l_r) = 0.5 * 2 = 1, plus alpha * NLL = 2 * 1.5
+    losses, _, rejected_reward = cpo_loss(
+        torch.tensor([-3.0]), torch.tensor([-5.0]), torch.tensor([1.5]), beta=0.5, alpha=2.0
+    )
+    assert losses.item() == pytest.approx(math.log1p(math.exp(-1.0)) + 3.0, abs=1e-6)
+    assert rejected_reward.item() == -2.5
+
+
+def test_kto_reference_point_on_a_hand_made_batch():
+    """``z0`` is the mean log-ratio of the mismatched pairs, clamped at 0 and detached."""
+    mismatched = torch.tensor([-4.0, -7.0, -2.5], requires_grad=True)
+    z0 = kto_reference_point(mismatched, torch.tensor([-4.5, -8.0, -4.0]))  # log-ratios 0.5, 1, 1.5
+    assert z0.item() == pytest.approx(1.0) and not z0.requires_grad
+    assert kto_reference_point(torch.tensor([-3.0, -1.0]), torch.tensor([-2.0, -1.5])).item() == 0.0  # mean -0.25
+
+
+def test_kto_hand_values():
+    # h = [1, -1]; z0 = 1, beta = 0.5: desirable 1 - sigmoid(0) = 0.5, undesirable w_u (1 - sigmoid(0.5 * 2))
+    logps = torch.tensor([-2.0, -4.0], requires_grad=True)
+    losses, rewards = kto_loss(
+        logps,
+        torch.tensor([-3.0, -3.0]),
+        torch.tensor([True, False]),
+        torch.tensor(1.0),
+        beta=0.5,
+        undesirable_weight=2.0,
+    )
+    sigmoid_1 = 1 / (1 + math.exp(-1.0))
+    assert losses.tolist() == pytest.approx([0.5, 2 * (1 - sigmoid_1)], abs=1e-6)
+    assert rewards.tolist() == [0.5, -0.5] and not rewards.requires_grad and losses.requires_grad

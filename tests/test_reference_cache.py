@@ -25,7 +25,8 @@ from tunelab.methods.qlora import qlora_quantization_config
 from tunelab.tasks import reference as reference_module
 from tunelab.tasks.reference import ReferenceModel, read_table, run_precision, write_table
 
-from .test_alignment import alignment_overrides, synthetic_preferences
+from .conftest import synthetic_preferences
+from .test_alignment import alignment_overrides
 
 SPLIT, SETTINGS = "val", (False,)
 EXAMPLES = [[[5, 6, 7], [-100, 6, 7]], [[5, 6, 8], [-100, 6, 8]], [[5, 9], [-100, 9]], [[5, 10], [-100, 10]]]

@@ -50,6 +50,7 @@ def reloaded_loss(export_dir, split: str) -> float:
         ("fsdp", ["trainer.strategy.activation_checkpointing=true"]),
         ("deepspeed_zero2", ["test=false"]),  # no test pass: the best checkpoint is loaded for export alone
         ("deepspeed_zero3", ["export.merged=true"]),
+        ("deepspeed_zero3", ["model=tiny_moe"]),  # LoRA on the fused experts (peft target_parameters) as well
     ],
 )
 def test_sharded_lora_trains_and_exports_a_complete_adapter(
@@ -64,9 +65,10 @@ def test_sharded_lora_trains_and_exports_a_complete_adapter(
     assert metrics["val/loss"] < metrics["untrained/val/loss"]
 
     saved = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
-    assert {k: tuple(v.shape) for k, v in saved.items()} == expected_lora_shapes(
-        load_model(compose_cfg(["model=tiny"]).model, cache_dir).model, run_dir / "adapter"
-    )
+    model = next((o for o in overrides if o.startswith("model=")), "model=tiny")
+    base = load_model(compose_cfg([model]).model, cache_dir).model
+    assert {k: tuple(v.shape) for k, v in saved.items()} == expected_lora_shapes(base, run_dir / "adapter")
+    assert any(".mlp.experts." in k for k in saved) == (model == "model=tiny_moe"), "expert A, B (target_parameters)"
     lora_b = [v for k, v in saved.items() if "lora_B" in k]
     assert all(torch.count_nonzero(v) > 0 for v in lora_b), "lora_B starts at zero: every one must have trained"
 

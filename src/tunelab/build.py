@@ -24,9 +24,11 @@ log = logging.getLogger("tunelab")
 
 
 def instantiate_callbacks(cfg: DictConfig) -> list[Any]:
+    """``cfg.callbacks``, then the ones the method adds (:attr:`tunelab.methods.spec.Method.callbacks`)."""
     from hydra.utils import instantiate
 
-    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    configured = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    return configured + METHODS[cfg.method.name].callbacks(cfg.method)
 
 
 def instantiate_loggers(cfg: DictConfig) -> list[Any]:
@@ -77,6 +79,8 @@ def build_components(cfg: DictConfig) -> dict[str, Any]:
     print(f"[tunelab] method={cfg.method.name} model={cfg.model.name}: {report}", flush=True)
     load_run = partial(load_export, cache_dir=cfg.paths.cache_dir, trust_remote_code=cfg.model.trust_remote_code)
     datamodule, module = objective.build(BuildContext(cfg, model, loaded.tokenizer, method, load_run))
+    method.init_from_data(model, cfg.method, datamodule)
+    module.lr_scale = partial(method.lr_scale, cfg.method)
     return {
         "model": model,
         "tokenizer": loaded.tokenizer,

@@ -19,6 +19,11 @@ class ConfigError(TunelabError):
     """A config value or combination that cannot work; raised before any weights load."""
 
 
+class RewardError(TunelabError):
+    """A reward (a user's function, a reward model) that raised on a sample or did not return one finite float
+    per completion (:mod:`tunelab.rewards.checked`)."""
+
+
 class DataError(TunelabError):
     """A data problem, located by file, line (or record index) and field where known."""
 

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from tunelab.build import build_components, build_trainer, instantiate_callbacks, instantiate_loggers
 from tunelab.config_checks import check_config
+from tunelab.forgetting import Forgetting
 from tunelab.runs import checkpoint_state, model_from_export
 from tunelab.trainer_config import shards_parameters
 
@@ -30,6 +31,7 @@ def run(cfg: DictConfig) -> float | None:
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the pipeline; return (metrics, objects) as the lightning-hydra-template does."""
     check_config(cfg)
+    forgetting = Forgetting(cfg)
     import lightning.pytorch as pl
 
     from tunelab.export import export_adapter, export_merged
@@ -53,6 +55,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.train and cfg.validate_before_training and cfg.ckpt_path is None:
         before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         metrics.update({f"untrained/{k}": v for k, v in before.items()})
+        forgetting.before(objects["model"], objects["tokenizer"])
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         metrics.update({k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
@@ -68,6 +71,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         trainer.validate(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
     elif best_path:
         module.load_state_dict(checkpoint_state(best_path), strict=module.strict_loading)
+    metrics.update(forgetting.after(objects["model"], objects["tokenizer"]))
     if cfg.export.adapter:
         with gathered_for_export(trainer, objects["model"]) as gathered:  # every rank: sharded saves gather
             if trainer.is_global_zero:

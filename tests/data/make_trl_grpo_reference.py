@@ -12,7 +12,8 @@ attributes it reads and a ``_get_per_token_logps_and_entropies`` that returns th
 and ``ref_logps`` are the inputs ``old_per_token_logps`` / ``ref_per_token_logps``. GSPO is trl's
 ``loss_type="grpo"`` with ``importance_sampling_level="sequence"``; ``dapo`` normalizes by ``num_items_in_batch``,
 set to the batch's completion tokens (one process, no gradient accumulation). RLOO: the leave-one-out advantages
-replicated from ``RLOOTrainer._generate_and_score_completions`` (``normalize_advantages`` on and off, beta = 0), and
+replicated from ``RLOOTrainer._generate_and_score_completions`` (``normalize_advantages`` on and off; beta = 0, and
+beta = 0.04 with the rewards penalized by beta x the sequences' summed ``old_logps - ref_logps``), and
 ``RLOOTrainer._compute_loss`` called the same way, with ``old_logps`` the sequences' summed old log-probs.
 Everything is float64.
 """
@@ -132,8 +133,14 @@ def trl_loss(loss_type: str, beta: float, advantages: torch.Tensor) -> tuple[flo
     }
 
 
-def trl_rloo_advantages(rewards: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """trl 1.16.0's RLOO advantages (every completion scorable, beta = 0), optionally whitened over the batch."""
+def trl_rloo_advantages(rewards: torch.Tensor, normalize: bool, beta: float) -> torch.Tensor:
+    """trl 1.16.0's RLOO advantages (every completion scorable), the rewards first penalized by ``beta`` x the
+    sequence KL of the old log-probs to the reference's (``beta != 0``), optionally whitened over the batch."""
+    if beta != 0.0:
+        data = tensors()
+        per_token_kl = data["old_logps"] - data["ref_logps"]
+        kl = (per_token_kl * data["mask"]).sum(-1)
+        rewards = rewards - beta * kl
     grouped_rewards = rewards.view(-1, NUM_GENERATIONS)
     scorable_counts = (~torch.isnan(grouped_rewards)).sum(dim=1, keepdim=True)
     grouped_sum = torch.nansum(grouped_rewards, dim=1, keepdim=True)
@@ -185,16 +192,18 @@ def reference_table() -> dict[str, Any]:
             cases.append({"loss_type": loss_type, "scale_rewards": scale, "beta": beta, "loss": loss, **metrics})
     rloo = []
     for normalize in (False, True):
-        rloo_advantages = trl_rloo_advantages(rewards, normalize)
-        loss, clip_region = trl_rloo_loss(rloo_advantages)
-        rloo.append(
-            {
-                "normalize": normalize,
-                "advantages": rloo_advantages.tolist(),
-                "loss": loss,
-                "clip_region": clip_region,
-            }
-        )
+        for beta in BETAS:
+            rloo_advantages = trl_rloo_advantages(rewards, normalize, beta)
+            loss, clip_region = trl_rloo_loss(rloo_advantages)
+            rloo.append(
+                {
+                    "normalize": normalize,
+                    "beta": beta,
+                    "advantages": rloo_advantages.tolist(),
+                    "loss": loss,
+                    "clip_region": clip_region,
+                }
+            )
     return {
         "generated_by": "python -m tests.data.make_trl_grpo_reference",
         "trl_version": trl.__version__,

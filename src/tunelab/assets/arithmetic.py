@@ -1,5 +1,5 @@
-"""Arithmetic questions with verifiable answers, built offline from reasoning-gym: prompts for PPO and
-preference pairs for reward modelling and DPO.
+"""Arithmetic questions with verifiable answers, built offline from reasoning-gym: prompts for PPO, preference
+pairs for reward modelling and DPO, and thumbs-up / thumbs-down feedback for KTO.
 
 Questions come from reasoning-gym's ``basic_arithmetic`` generator (``"Calculate 47 - 18."``: two terms of one or
 two digits, ``+`` / ``-``, no parentheses), asked as one user turn ending in :data:`ASK`. Each record keeps the
@@ -12,6 +12,10 @@ merely containing the answer ``len(answer) / len(reply)``, anything else 0.0 (:m
   :data:`NEAR_MISS_OFFSETS` (carry and sign slips), kept only where the scorer gives it 0.0. Near misses are
   checked-wrong answers a model plausibly writes; sampling the model itself would make the set depend on a
   model's weights and take minutes to build.
+- ``arith_feedback/arith_feedback.jsonl``: ``{"id", "prompt", "completion", "label", "answer", "metadata"}``: one
+  answer per question, the right one or a near miss (a seeded coin, :data:`FEEDBACK_RIGHT_SHARE` right), and
+  ``label`` the scorer's verdict on it (``true``: it scores 1.0, a thumbs-up; ``false``: 0.0, a thumbs-down). The
+  set is about balanced; ``data.desirable_share`` thins it to the imbalance of real feedback at load time.
 
 Both sets use their own generator seed, so no question text is shared by accident beyond what the generator
 repeats (two-term sums of small numbers do repeat: duplicates are dropped, first kept).
@@ -38,7 +42,8 @@ GENERATOR_OPTIONS = {
 }
 ASK = " Reply with the number only."
 CANDIDATES = 3000  # generated entries per set before duplicates are dropped
-PROMPTS_SEED, PREFS_SEED, OFFSET_SEED = 11, 12, 13
+PROMPTS_SEED, PREFS_SEED, OFFSET_SEED, FEEDBACK_SEED, COIN_SEED = 11, 12, 13, 14, 15
+FEEDBACK_RIGHT_SHARE = 0.5  # share of questions answered right in arith_feedback
 NEAR_MISS_OFFSETS = (-10, -2, -1, 1, 2, 10)
 
 
@@ -99,6 +104,29 @@ def _build_prefs(directory: Path) -> dict[str, Any]:
     return {"generator": GENERATOR, "seed": PREFS_SEED, "rows": len(rows), "dropped_no_near_miss": no_near_miss}
 
 
+def _build_feedback(directory: Path) -> dict[str, Any]:
+    entries, scorer = generate(FEEDBACK_SEED)
+    offsets, coin = random.Random(OFFSET_SEED), random.Random(COIN_SEED)
+    rows, no_near_miss = [], 0
+    for index, entry in enumerate(entries):
+        answer = entry["answer"] if coin.random() < FEEDBACK_RIGHT_SHARE else near_miss(entry, scorer, offsets)
+        if answer is None:
+            no_near_miss += 1
+            continue
+        label = scorer.score_answer(answer=answer, entry=entry) == 1.0
+        rows.append({**prompt_record(index, entry), "completion": answer, "label": label})
+    _write(directory / "arith_feedback.jsonl", rows)
+    desirable = sum(row["label"] for row in rows)
+    return {
+        "generator": GENERATOR,
+        "seed": FEEDBACK_SEED,
+        "rows": len(rows),
+        "desirable": desirable,
+        "undesirable": len(rows) - desirable,
+        "dropped_no_near_miss": no_near_miss,
+    }
+
+
 def ensure_arith_prompts(cache_dir: str | Path) -> Path:
     """``<cache_dir>/arith_prompts/arith_prompts.jsonl``, built on first use."""
     return ensure_entry(cache_dir, "arith_prompts", _build_prompts) / "arith_prompts.jsonl"
@@ -107,3 +135,8 @@ def ensure_arith_prompts(cache_dir: str | Path) -> Path:
 def ensure_arith_prefs(cache_dir: str | Path) -> Path:
     """``<cache_dir>/arith_prefs/arith_prefs.jsonl``, built on first use."""
     return ensure_entry(cache_dir, "arith_prefs", _build_prefs) / "arith_prefs.jsonl"
+
+
+def ensure_arith_feedback(cache_dir: str | Path) -> Path:
+    """``<cache_dir>/arith_feedback/arith_feedback.jsonl``, built on first use."""
+    return ensure_entry(cache_dir, "arith_feedback", _build_feedback) / "arith_feedback.jsonl"

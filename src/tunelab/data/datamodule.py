@@ -7,7 +7,8 @@ Splits: when only ``data.path`` is given, the examples are shuffled once with ``
 into test (first ``test_size``), validation (next ``val_size``) and train (the rest, capped at
 ``train_size``). Sizes are counts (int >= 1) or fractions (float < 1). ``val_path`` / ``test_path`` give
 explicit splits instead. Validation and test loaders come in pairs: teacher-forced loss batches, and
-left-padded prompts of the first ``generation_samples`` examples for generated-text metrics.
+left-padded prompts of the first ``generation_samples`` examples for generated-text metrics; SFT data whose
+records carry options adds a third, every multiple-choice question of the split (:mod:`tunelab.data.choices`).
 """
 
 from __future__ import annotations
@@ -24,12 +25,22 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from tunelab.compat.torch import loader_generator
+from tunelab.data.choices import ChoiceCollator, EncodedChoices, encode_sft_example
 from tunelab.data.collate import (
     ClassificationCollator,
     EncodedLabeled,
     GenerationCollator,
     PackedCollator,
     TrainingCollator,
+)
+from tunelab.data.feedback import (
+    FEEDBACK_READERS,
+    FeedbackCollator,
+    FeedbackExample,
+    encode_feedback,
+    feedback_of,
+    thin_to_share,
+    with_mismatched,
 )
 from tunelab.data.labeled import LabeledExample, load_labeled
 from tunelab.data.loading import LoadResult, load_examples
@@ -43,10 +54,12 @@ log = logging.getLogger("tunelab.data")
 
 BUILDERS = {
     "hpo_qa": "tunelab.assets.hpo_qa:ensure_hpo_qa",
+    "hpo_mcq": "tunelab.assets.hpo_mcq:ensure_hpo_mcq",
     "finsent": "tunelab.assets.finsent:ensure_finsent",
     "finsent_explained": "tunelab.assets.finsent_explained:ensure_finsent_explained",
     "arith_prefs": "tunelab.assets.arithmetic:ensure_arith_prefs",
     "arith_prompts": "tunelab.assets.arithmetic:ensure_arith_prompts",
+    "arith_feedback": "tunelab.assets.arithmetic:ensure_arith_feedback",
 }
 
 
@@ -265,6 +278,10 @@ class RecordDataModule(SplitDataModule):
     def encode(self, items: list[Any]) -> tuple[list[Any], list[str]]:
         raise NotImplementedError
 
+    def split_report(self, items: list[Any]) -> dict[str, Any]:
+        """What the report adds about a split's encoded ``items`` (nothing by default)."""
+        return {}
+
     def _load(self, path: str | Path) -> list[Any]:
         result = self.read(path)
         self.report.setdefault("skipped_records", {})[str(path)] = len(result.skipped)
@@ -276,13 +293,18 @@ class RecordDataModule(SplitDataModule):
         raw = self.raw_splits(self._load)
         for split, items in raw.items():
             self.splits[split], dropped = self.encode(items)
-            self.report[split] = {"examples": len(self.splits[split]), "dropped_overflow": len(dropped)}
+            self.report[split] = {
+                "examples": len(self.splits[split]),
+                "dropped_overflow": len(dropped),
+                **self.split_report(self.splits[split]),
+            }
         log.info("Data %s: %s", self.cfg.name, {split: self.report[split]["examples"] for split in raw})
 
 
 class SFTDataModule(RecordDataModule):
     """Instruction / chat examples (``data.format``) -> prompt-masked training batches; validation and test add
-    left-padded prompts of the first ``generation_samples`` examples for generation metrics."""
+    left-padded prompts of the first ``generation_samples`` examples for generation metrics, and the split's
+    multiple-choice questions (records with options) for multiple-choice accuracy."""
 
     def __init__(
         self, data_cfg: DictConfig, tokenizer: Any, cache_dir: str | Path, generation_samples: int = 0
@@ -303,7 +325,9 @@ class SFTDataModule(RecordDataModule):
         return load_examples(path, self.cfg.format, on_error=self.cfg.on_error, limit=self.cfg.get("limit"))
 
     def encode(self, items: list[ChatExample]) -> tuple[list[EncodedExample], list[str]]:
-        return encode_examples(self.tokenizer, items, self.cfg.max_length, self.cfg.on_overflow)
+        return encode_examples(
+            self.tokenizer, items, self.cfg.max_length, self.cfg.on_overflow, encode=encode_sft_example
+        )
 
     def loss_sizes(self) -> list[int]:
         """Supervised (next-token target) positions of each training example: the SFT loss is their mean over
@@ -311,11 +335,18 @@ class SFTDataModule(RecordDataModule):
         return [sum(label != IGNORE_INDEX for label in ex.labels[1:]) for ex in self.splits["train"]]
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
-        """Teacher-forced loss batches, plus left-padded prompts of the first ``generation_samples`` examples."""
+        """Teacher-forced loss batches, plus left-padded prompts of the first ``generation_samples`` examples, plus
+        every multiple-choice question (``eval_batch_size`` questions a batch, their option rows scored
+        ``eval_batch_size`` rows a forward)."""
         loaders = super()._eval_loaders(split)
         if self.generation_samples:
             prompts = self.splits[split][: self.generation_samples]
             loaders.append(self._loader(prompts, GenerationCollator(self.tokenizer.pad_token_id)))
+        questions = [ex for ex in self.splits[split] if isinstance(ex, EncodedChoices)]
+        if questions:
+            rows = self.cfg.eval_batch_size
+            collator = ChoiceCollator(self.tokenizer, self.cfg.max_length, rows, self.cfg.pad_to_multiple_of)
+            loaders.append(self._loader(questions, collator))
         return loaders
 
 
@@ -379,3 +410,31 @@ class PreferenceDataModule(RecordDataModule):
             self.tokenizer, items, self.cfg.max_length, self.cfg.on_overflow, encode=encode_preference
         )
         return [{**pair, "index": index} for index, pair in enumerate(pairs)], dropped
+
+
+class FeedbackDataModule(RecordDataModule):
+    """Feedback examples (:mod:`tunelab.data.feedback`; read as ``FEEDBACK_READERS[data.kind]`` says; preference
+    pairs give two examples each, after the split) -> batches of 2N rows (the completions, then the mismatched
+    rows) with ``desirable`` [N] and each example's ``index`` in its split. ``data.desirable_share`` (``null``: as
+    read) thins one label of each split, seeded with ``data.split_seed``, to that share of thumbs-up. ``report``
+    adds per split the ``desirable`` / ``undesirable`` counts and, over the splits, ``thinned_for_share``."""
+
+    def collator(self) -> FeedbackCollator:
+        return FeedbackCollator(self.tokenizer.pad_token_id, self.cfg.pad_to_multiple_of)
+
+    def read(self, path: str | Path) -> LoadResult:
+        return FEEDBACK_READERS[self.cfg.kind](path, on_error=self.cfg.on_error)
+
+    def encode(self, items: list[FeedbackExample | PreferenceExample]) -> tuple[list[dict[str, Any]], list[str]]:
+        examples = feedback_of(items)
+        share = self.cfg.get("desirable_share")
+        kept = examples if share is None else thin_to_share(examples, share, self.cfg.split_seed)
+        self.report["thinned_for_share"] = self.report.get("thinned_for_share", 0) + len(examples) - len(kept)
+        encoded, dropped = encode_examples(
+            self.tokenizer, kept, self.cfg.max_length, self.cfg.on_overflow, encode=encode_feedback
+        )
+        return with_mismatched(encoded, self.cfg.max_length), dropped
+
+    def split_report(self, items: list[dict[str, Any]]) -> dict[str, int]:
+        desirable = sum(item["desirable"] for item in items)
+        return {"desirable": desirable, "undesirable": len(items) - desirable}

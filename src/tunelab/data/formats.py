@@ -1,4 +1,5 @@
-"""Converters from published data formats to ``(prompt messages, response)``.
+"""Converters from published data formats to ``(prompt messages, response)``, or for a multiple-choice record
+``(prompt messages, response, MultipleChoice)`` (its options; the right one's ``response`` is the record's).
 
 Each converter takes one row (a mapping: a JSON object, a csv row or a ``datasets`` record) and raises
 :class:`tunelab.errors.DataError` naming the field on a missing field, a wrong type, an empty answer or an
@@ -10,7 +11,8 @@ unknown role; the loader adds the file and line. A field whose value is ``None``
 - ``messages``: ``messages`` = [{role, content}] or ShareGPT ``conversations`` = [{from, value}] with
   ``from`` in human / gpt / system; the last turn is the assistant's answer, the turn before it the user's.
 - ``medqa``: ``question`` + ``options`` (letter -> text, or a list of texts lettered A, B, ...) +
-  ``answer_idx`` (checked against ``answer`` when present) -> ``"<letter>. <option text>"``.
+  ``answer_idx`` (checked against ``answer`` when present) -> ``"<letter>. <option text>"``; multiple choice: every
+  option's response is ``"<letter>. <option text>"``.
 
 Each is a :class:`DataFormat` in :data:`FORMATS`; a plugin registers its own converter the same way.
 """
@@ -22,11 +24,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from tunelab.data.records import Choice, MultipleChoice
 from tunelab.errors import DataError
 from tunelab.registry import Registry
 
 Message = dict[str, str]
-Converted = tuple[tuple[Message, ...], str]
+Converted = tuple[tuple[Message, ...], str] | tuple[tuple[Message, ...], str, MultipleChoice]
 Converter = Callable[[Mapping[str, Any]], Converted]
 
 ROLES = ("system", "user", "assistant")
@@ -115,7 +118,8 @@ def medqa_options(row: Mapping[str, Any]) -> dict[str, str]:
 
 
 def convert_medqa(row: Mapping[str, Any]) -> Converted:
-    """MedQA: the question and lettered options as the user turn; ``"<answer_idx>. <option>"``."""
+    """MedQA: the question and lettered options as the user turn; ``"<answer_idx>. <option>"``; the options as
+    multiple choice, each answered ``"<letter>. <option>"``."""
     question = non_blank(get_text(row, "question"), "question", "question")
     options = medqa_options(row)
     answer_idx = get_text(row, "answer_idx").strip()
@@ -125,12 +129,15 @@ def convert_medqa(row: Mapping[str, Any]) -> Converted:
     if answer and answer != options[answer_idx]:
         raise DataError(f"{answer!r} does not match options[{answer_idx!r}] = {options[answer_idx]!r}", field="answer")
     lines = [question, *(f"{key}. {text}" for key, text in options.items()), MEDQA_INSTRUCTION]
-    return ({"role": "user", "content": "\n".join(lines)},), f"{answer_idx}. {options[answer_idx]}"
+    choices = tuple(Choice(key, text, f"{key}. {text}") for key, text in options.items())
+    prompt = ({"role": "user", "content": "\n".join(lines)},)
+    return prompt, f"{answer_idx}. {options[answer_idx]}", MultipleChoice(choices, answer_idx)
 
 
 @dataclass(frozen=True)
 class DataFormat:
-    """One ``data.format`` of instruction data: ``convert(row) -> (prompt messages, response)``."""
+    """One ``data.format`` of instruction data: ``convert(row) -> (prompt messages, response)``, plus the record's
+    :class:`MultipleChoice` as a third item when it has options."""
 
     name: str
     convert: Converter

@@ -333,12 +333,12 @@ def load_examples(
     result = LoadResult(examples=[])
     for line, number, row in read_records(path, cache_dir):
         try:
-            prompt, response = convert(as_record(row))
+            prompt, response, *choices = convert(as_record(row))  # choices: [MultipleChoice] or []
         except DataError as error:
             skip_or_fail(path, error, on_error, result.skipped, line=line, record=number)
             continue
         source = f"{path}:{line}" if line else f"{path}:record {number}"
-        result.examples.append(ChatExample(prompt=prompt, response=response, source=source))
+        result.examples.append(ChatExample(prompt, response, source, *choices))
         if limit is not None and len(result.examples) == limit:
             break
     return checked_load(path, result)

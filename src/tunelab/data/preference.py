@@ -127,14 +127,17 @@ def encode_preference(tokenizer: Any, example: PreferenceExample, max_length: in
 class PreferenceCollator:
     """One batch of 2B rows: the B chosen rows, then the B rejected rows in the same order, so row ``i`` and row
     ``B + i`` are a pair. ``input_ids`` / ``attention_mask`` / ``labels`` right-padded as :class:`TrainingCollator`;
-    ``index`` [B] passes through pairs' ``index`` where they carry one.
+    ``index`` [B] passes through pairs' ``index`` where they carry one. ``ROWS`` names the items' two rows.
     """
+
+    ROWS = ("chosen", "rejected")
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
         self.rows = TrainingCollator(pad_token_id, pad_to_multiple_of)
 
     def __call__(self, pairs: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = self.rows([pair["chosen"] for pair in pairs] + [pair["rejected"] for pair in pairs])
+        first, second = self.ROWS
+        batch = self.rows([pair[first] for pair in pairs] + [pair[second] for pair in pairs])
         if "index" in pairs[0]:  # the pair's position in its split (cached reference log-probs are looked up by it)
             batch["index"] = torch.tensor([pair["index"] for pair in pairs])
         return batch

@@ -3,10 +3,11 @@ head stays trainable: ``SEQ_CLS`` keeps the classification head trainable next t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 SUFFIXES = {
     "ForCausalLM": "CAUSAL_LM",
@@ -27,3 +28,19 @@ def module_names(value: Any) -> str | list[str]:
     if isinstance(value, str):
         return value
     return [str(name) for name in (OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)]
+
+
+def inject_peft(model: torch.nn.Module, method_cfg: DictConfig, make_config: Callable[[DictConfig, str], Any]):
+    """Freeze ``model`` and wrap it in peft with ``make_config(method_cfg, task_type)`` (a peft ``PeftConfig``),
+    after checking that each ``target_modules`` name names a module (``lora.check_target_modules``); a peft refusal
+    becomes a ConfigError naming the method."""
+    from peft import get_peft_model
+
+    from tunelab.errors import ConfigError
+    from tunelab.methods.lora import check_target_modules
+
+    check_target_modules(model, method_cfg)
+    try:
+        return get_peft_model(model, make_config(method_cfg, peft_task_type(model)))
+    except ValueError as error:
+        raise ConfigError(f"method={method_cfg.name}: {error}") from error

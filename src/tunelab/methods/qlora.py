@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from tunelab.errors import ConfigError
-from tunelab.methods.lora import check_rank, check_target_modules, lora_config
+from tunelab.methods.lora import check_init, check_rank, check_target_modules, lora_config, lora_plus_scale
 from tunelab.methods.peft_task import peft_task_type
 from tunelab.methods.spec import METHODS, Method
 from tunelab.models.loading import keep_cpu_kernels_trainable
@@ -30,6 +30,7 @@ from tunelab.trainer_config import shards_parameters
 
 QUANT_TYPES = ("nf4", "fp4")
 QUANT_STORAGE = ("uint8", "float32", "bfloat16", "float16")
+QLORA_INITS = ("default", "gaussian")  # pissa / olora / eva / loftq read or rewrite W in full precision
 
 
 def qlora_quantization_config(method_cfg: DictConfig) -> Any:
@@ -109,9 +110,17 @@ def merge_dequantized(model: torch.nn.Module, dtype: torch.dtype = torch.float32
 
 
 def check_qlora(cfg: DictConfig, head: str) -> None:
-    """LoRA's rank, and: sharded strategies flatten parameters in one float dtype, so the 4-bit storage must be
-    that dtype."""
+    """LoRA's rank and init knobs, where ``method.init`` is one of :data:`QLORA_INITS` (PiSSA / OLoRA rewrite W
+    as a full-precision residual, EVA and LoftQ are for full-precision bases; ``use_dora`` and
+    ``lora_plus_ratio`` work on 4 bits), and: sharded strategies flatten parameters in one float dtype, so the
+    4-bit storage must be that dtype."""
     check_rank(cfg.method)
+    check_init(cfg.method)
+    if cfg.method.init not in QLORA_INITS:
+        raise ConfigError(
+            f"method=qlora supports method.init in {list(QLORA_INITS)} (a 4-bit W cannot take "
+            f"{cfg.method.init}'s full-precision rewrite or reading): use method=lora for method.init={cfg.method.init}"
+        )
     if shards_parameters(cfg.trainer) and cfg.method.quant_storage == "uint8":
         raise ConfigError(
             "method=qlora with a sharded strategy (FSDP / ZeRO-3) needs 4-bit weights stored in the float dtype "
@@ -119,4 +128,12 @@ def check_qlora(cfg: DictConfig, head: str) -> None:
         )
 
 
-METHODS.register(Method(name="qlora", adapt=adapt_qlora, quantization=qlora_quantization_config, check=check_qlora))
+METHODS.register(
+    Method(
+        name="qlora",
+        adapt=adapt_qlora,
+        quantization=qlora_quantization_config,
+        check=check_qlora,
+        lr_scale=lora_plus_scale,
+    )
+)

@@ -4,28 +4,32 @@ trained tensors of a parameter-efficient method, and the validation / test loop 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
 from omegaconf import DictConfig
 
-from tunelab.tasks.optim import build_optimizer
+from tunelab.tasks.optim import build_optimizer, unit_scale
 
 
 class TaskModule(LightningModule):
     """Base of the task modules: ``self.model`` is the adapted backbone, ``self.cfg`` the task config. Validation
     and test run the same evaluation under their own prefix: a subclass defines :meth:`_eval_step` and
-    :meth:`_eval_epoch_end` for a stage (``"val"`` or ``"test"``)."""
+    :meth:`_eval_epoch_end` for a stage (``"val"`` or ``"test"``). ``lr_scale(param_name)`` is the method's
+    learning-rate scale per parameter (the composition root sets it from the method entry; default 1)."""
 
     def __init__(self, model: torch.nn.Module, task_cfg: DictConfig, trains_all_weights: bool) -> None:
         super().__init__()
         self.model, self.cfg = model, task_cfg
         self.trains_all_weights = trains_all_weights
         self.strict_loading = trains_all_weights
+        self.lr_scale: Callable[[str], float] = unit_scale
 
     def configure_optimizers(self) -> dict[str, Any]:
-        return build_optimizer(self.model, self.cfg.optimizer, self.cfg.scheduler, self.total_training_steps())
+        steps = self.total_training_steps()
+        return build_optimizer(self.model, self.cfg.optimizer, self.cfg.scheduler, steps, self.lr_scale)
 
     def total_training_steps(self) -> int:
         """Optimizer steps of the whole run, from the data length (never ``estimated_stepping_batches``)."""

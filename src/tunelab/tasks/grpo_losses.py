@@ -72,6 +72,13 @@ def soft_overlong_penalty(lengths: torch.Tensor, max_length: int, cache: int) ->
     return torch.where(lengths <= start, torch.zeros_like(ramp), torch.where(lengths <= max_length, ramp, -1.0))
 
 
+def sequence_kl(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """RLOO's KL estimate per completion [B] (trl's ``RLOOTrainer``, after Ahmadian et al., 2024): the first-order
+    log ratio summed over the completion's tokens, ``KL_i = sum_t m_t (log pi_old(a_t) - log pi_ref(a_t))`` (can be
+    negative, unlike k3); the reward penalty is ``r_i - beta KL_i``."""
+    return ((logps - ref_logps) * mask).sum(-1)
+
+
 def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     """k3 estimator of KL(pi || pi_ref) per sampled token (Schulman, 2020): ``exp(d) - d - 1`` with
     ``d = log pi_ref(a_t) - log pi(a_t)``; non-negative, 0 where the two agree."""

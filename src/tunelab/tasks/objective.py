@@ -58,7 +58,8 @@ class Objective:
     - ``build(context) -> (datamodule, module)``
     - ``head(cfg) -> (head, labels)``: the model head it trains (default: the causal LM head)
     - ``data_kind``: the ``kind`` of data config it reads (``preference``, ``prompts``; ``None``: instruction or
-      labeled records, data configs without a ``kind``), and ``data_hint`` naming such a config for the refusal
+      labeled records, data configs without a ``kind``), or a tuple of the kinds it reads, and ``data_hint``
+      naming such a config for the refusal
     - ``packs``: reads packed SFT batches when ``data.packing=true``
     - ``check(cfg, method)``: its own config check (raise :class:`ConfigError`)
     """
@@ -66,7 +67,7 @@ class Objective:
     name: str
     build: Callable[[BuildContext], tuple[Any, Any]]
     head: Callable[[DictConfig], Head] = causal_lm_head
-    data_kind: str | None = None
+    data_kind: str | tuple[str, ...] | None = None
     data_hint: str = ""
     packs: bool = False
     check: Callable[[DictConfig, Method], None] = field(default=no_check)
@@ -78,8 +79,9 @@ OBJECTIVES: Registry[Objective] = Registry("task")
 def check_data_kind(cfg: DictConfig, objective: Objective) -> None:
     """The data config holds the record kind the objective reads."""
     kind = cfg.data.get("kind")
-    if kind != objective.data_kind:
-        reads = objective.data_kind or "instruction / labeled"
+    kinds = objective.data_kind if isinstance(objective.data_kind, tuple) else (objective.data_kind,)
+    if kind not in kinds:
+        reads = " or ".join(k or "instruction / labeled" for k in kinds)
         hint = f"; use {objective.data_hint}" if objective.data_hint else ""
         raise ConfigError(
             f"task={objective.name} reads {reads} records, but data={cfg.data.name} holds "

@@ -1,13 +1,15 @@
 """Optimizer and learning-rate schedule shared by every task.
 
 AdamW (torch's fused kernel unless ``optimizer.fused=false``) with decoupled weight decay on weight matrices
-only (biases and norm weights, i.e. parameters with fewer than 2 dimensions, get no decay), and a linear warmup
-followed by cosine / linear decay to zero (or a constant rate), stepped once per optimizer step.
+only (biases and norm weights, i.e. parameters with fewer than 2 dimensions, get no decay), each parameter at
+``lr * lr_scale(name)`` (the method's :attr:`~tunelab.methods.spec.Method.lr_scale`: LoRA+), and a linear warmup
+followed by cosine / linear decay to zero (or a constant rate), stepped once per optimizer step: the schedule's
+LambdaLR multiplies every group's own initial lr by the same factor, so the scales hold throughout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -18,15 +20,26 @@ from tunelab.errors import ConfigError
 SCHEDULES = ("cosine", "linear", "constant")
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters split into decayed (ndim >= 2) and non-decayed groups; empty groups are left out
-    (DeepSpeed drops them, after which a schedule built on the full list no longer matches its optimizer)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
+def unit_scale(param_name: str) -> float:
+    return 1.0
+
+
+def parameter_groups(
+    model: torch.nn.Module, weight_decay: float, lr: float, lr_scale: Callable[[str], float] = unit_scale
+) -> list[dict[str, Any]]:
+    """Trainable parameters grouped by (decayed: ndim >= 2, ``lr_scale(name)``), each group with its
+    ``weight_decay`` and ``lr * scale``, decayed groups first, then by scale (without scales: the decayed and the
+    non-decayed group, as checkpoints of earlier runs hold them); only non-empty groups exist (DeepSpeed drops
+    empty ones, after which a schedule built on the full list no longer matches its optimizer)."""
+    groups: dict[tuple[bool, float], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [group for group in groups if group["params"]]
+            decay, scale = param.ndim >= 2, float(lr_scale(name))
+            group = groups.setdefault(
+                (decay, scale), {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr": lr * scale}
+            )
+            group["params"].append(param)
+    return [groups[key] for key in sorted(groups, key=lambda key: (not key[0], key[1]))]
 
 
 def warmup_steps(scheduler_cfg: Mapping[str, Any], total_steps: int) -> int:
@@ -38,14 +51,19 @@ def warmup_steps(scheduler_cfg: Mapping[str, Any], total_steps: int) -> int:
 
 
 def build_optimizer(
-    model: torch.nn.Module, optimizer_cfg: DictConfig, scheduler_cfg: DictConfig, total_steps: int
+    model: torch.nn.Module,
+    optimizer_cfg: DictConfig,
+    scheduler_cfg: DictConfig,
+    total_steps: int,
+    lr_scale: Callable[[str], float] = unit_scale,
 ) -> dict[str, Any]:
-    """Lightning's ``configure_optimizers`` return value: AdamW + a per-step schedule."""
+    """Lightning's ``configure_optimizers`` return value: AdamW over :func:`parameter_groups` + a per-step
+    schedule."""
     from transformers import get_scheduler
 
     if scheduler_cfg.name not in SCHEDULES:
         raise ConfigError(f"task.scheduler.name={scheduler_cfg.name!r} is not one of {list(SCHEDULES)}")
-    groups = parameter_groups(model, optimizer_cfg.weight_decay)
+    groups = parameter_groups(model, optimizer_cfg.weight_decay, optimizer_cfg.lr, lr_scale)
     if not groups:
         raise ConfigError("no trainable parameters: the method froze everything")
     optimizer = torch.optim.AdamW(

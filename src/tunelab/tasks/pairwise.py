@@ -14,16 +14,37 @@ import torch
 from omegaconf import DictConfig
 from torchmetrics import MeanMetric
 
+from tunelab.data.tokenization import IGNORE_INDEX
 from tunelab.tasks.base import TaskModule
+from tunelab.tasks.preference_losses import sequence_logps
 
 PREFERENCE_DATA = "data=arith_prefs or data=preference"  # data configs of kind preference, for refusals
 PAIR_STATISTICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
+LOGPS_STATISTICS = ("logps/chosen", "logps/rejected", "logps/accuracy")
 
 
 def pair_statistics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
     """Mean chosen / rejected reward, accuracy ``mean(chosen > rejected)`` and margin ``mean(chosen - rejected)``."""
     values = (chosen.mean(), rejected.mean(), (chosen > rejected).float().mean(), (chosen - rejected).mean())
     return dict(zip(PAIR_STATISTICS, values, strict=True))
+
+
+def logps_statistics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean chosen / rejected reply log-prob under the policy, and the share of pairs it ranks right
+    (``mean(chosen > rejected)``)."""
+    values = (chosen.detach().mean(), rejected.detach().mean(), (chosen > rejected).float().mean())
+    return dict(zip(LOGPS_STATISTICS, values, strict=True))
+
+
+def reply_logps(logits: torch.Tensor, batch: dict[str, torch.Tensor], average: bool) -> torch.Tensor:
+    """``log p(reply | prompt)`` of every row [2B] from the ``logits`` of a forward over the batch (summed over
+    reply tokens, or their mean if ``average``; positions a soft prompt prepends are cut off)."""
+    return sequence_logps(logits[:, -batch["input_ids"].shape[1] :], batch["labels"], average=average)
+
+
+def reply_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Supervised reply tokens of every row [2B] (at least 1: a reply's mean log-prob is ``sum / length``)."""
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
 
 
 def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

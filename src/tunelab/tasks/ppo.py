@@ -27,7 +27,8 @@ parameter-efficient methods need no second model. Every ``nn.Dropout`` of the po
 the rollout's log-probs are exactly those of the policy being updated (the first ratio is 1).
 
 Logged per iteration: ``train/reward_mean`` (reward_fn, before the EOS penalty), ``train/kl`` (mean over rollouts
-of the summed per-token KL), ``train/response_length``, and the means over the iteration's minibatches of
+of the summed per-token KL), ``train/response_length``, ``train/reward_zeroed`` (samples the reward scored 0 after an
+error, ``task.reward.on_error=zero``), and the means over the iteration's minibatches of
 ``train/policy_loss``, ``train/value_loss``, ``train/clip_frac``, ``train/entropy`` (of ``pi`` per response token)
 and ``train/approx_kl`` (``0.5 * mean (log pi - log pi_old)^2``). Validation / test: greedy completions of every
 prompt; ``val/reward_mean``, ``val/kl`` (mean over prompts of ``sum_t log pi(a_t) - log pi_ref(a_t)`` over the
@@ -52,10 +53,10 @@ import torch
 from omegaconf import DictConfig
 from torchmetrics import MeanMetric
 
-from tunelab.data.prompts import PromptDataModule, prompt_turns
+from tunelab.data.prompts import prompt_turns
 from tunelab.errors import ConfigError
 from tunelab.tasks.base import TaskModule
-from tunelab.tasks.objective import OBJECTIVES, BuildContext, Objective
+from tunelab.tasks.objective import OBJECTIVES, Objective
 from tunelab.tasks.optim import build_optimizer
 from tunelab.tasks.preference_losses import (
     clipped_policy_loss,
@@ -68,7 +69,7 @@ from tunelab.tasks.preference_losses import (
     whiten,
 )
 from tunelab.tasks.reference import ReferenceModel
-from tunelab.tasks.reward_sources import build_reward_fn, check_reward_config
+from tunelab.tasks.reward_sources import check_reward_config, rollout_builder
 from tunelab.tasks.rollout import (
     Completions,
     RewardFn,
@@ -150,7 +151,7 @@ class PPOModule(TaskModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         """The base optimizer and schedule over the policy's trainable parameters and the value head."""
-        return build_optimizer(self, self.cfg.optimizer, self.cfg.scheduler, self.total_training_steps())
+        return build_optimizer(self, self.cfg.optimizer, self.cfg.scheduler, self.total_training_steps(), self.lr_scale)
 
     def updates_per_batch(self, batch_size: int) -> int:
         return self.cfg.ppo_epochs * math.ceil(batch_size / self.cfg.minibatch_size)
@@ -232,6 +233,7 @@ class PPOModule(TaskModule):
         self.log("train/reward_mean", scores.mean(), prog_bar=True, batch_size=size)
         stats["kl"] = kl.sum(-1).mean()
         stats["response_length"] = completions.mask.sum(-1).float().mean()
+        stats["reward_zeroed"] = torch.tensor(float(self.engine.zeroed))
         self.log_dict({f"train/{name}": value for name, value in stats.items()}, batch_size=size)
 
     # --- validation / test -----------------------------------------------------------------------------------
@@ -261,20 +263,10 @@ class PPOModule(TaskModule):
         self.log_and_reset(stage, self.stage_metrics[stage])
 
 
-def build_ppo(context: BuildContext) -> tuple[PromptDataModule, PPOModule]:
-    cfg, method = context.cfg, context.method
-    datamodule = PromptDataModule(cfg.data, context.tokenizer, cfg.paths.cache_dir)
-    reward_fn = build_reward_fn(cfg.task.reward, context.load_run)
-    module = PPOModule(
-        context.model, context.tokenizer, cfg.task, method.trains_all_weights, reward_fn, method.trains_base_in_place
-    )
-    return datamodule, module
-
-
 OBJECTIVES.register(
     Objective(
         name="ppo",
-        build=build_ppo,
+        build=rollout_builder(PPOModule),
         data_kind="prompts",
         data_hint="data=arith_prompts or data=prompts",
         check=lambda cfg, method: check_ppo_config(cfg),

@@ -1,10 +1,13 @@
-"""Pure loss functions for alignment: reward modelling (Bradley-Terry), DPO and PPO.
+"""Pure loss functions for alignment: reward modelling (Bradley-Terry), DPO, the reference-free ORPO, SimPO and
+CPO, KTO on unpaired feedback, and PPO.
 
 Conventions: ``labels`` follow SFT (-100 on prompt and padding, ``logits[:, t]`` predicts ``labels[:, t + 1]``);
 ``mask`` tensors are 0/1 (or bool) over the same positions as the values they mask. Log-probs are natural logs.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +82,97 @@ def dpo_loss(
     else:
         losses = torch.relu(1 - beta * h)
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, stable on both sides of ``-log 2`` (``log1p(-exp x)`` below it,
+    ``log(-expm1 x)`` above: Maechler 2012)."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(
+    chosen_mean_logps: torch.Tensor, rejected_mean_logps: torch.Tensor, *, lam: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair ORPO losses [B] and the rewards ``lam * log P`` (detached) of each reply (Hong et al. 2024,
+    "ORPO: Monolithic Preference Optimization without Reference Model", eq. 6-7).
+
+    With ``P = exp(mean_t log pi(y_t | x, y_<t))`` the length-averaged likelihood of a reply and
+    ``odds(y) = P / (1 - P)``: ``L = -log P_c + lam * (-log sigmoid(log odds(y_c) - log odds(y_r)))``, where
+    ``log odds(y) = log P - log(1 - P)`` (:func:`log1mexp`). The SFT term is the chosen reply's per-token NLL;
+    trl's ``ORPOTrainer`` averages that NLL over the batch's prompt and reply tokens instead, and names ``lam``
+    ``beta``; the odds-ratio term is trl's ``odds_ratio_loss``.
+    """
+    log_odds = (chosen_mean_logps - rejected_mean_logps) - (log1mexp(chosen_mean_logps) - log1mexp(rejected_mean_logps))
+    losses = -chosen_mean_logps - lam * F.logsigmoid(log_odds)
+    return losses, lam * chosen_mean_logps.detach(), lam * rejected_mean_logps.detach()
+
+
+def simpo_loss(
+    chosen_mean_logps: torch.Tensor, rejected_mean_logps: torch.Tensor, *, beta: float, gamma: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair SimPO losses [B] and the rewards ``beta * mean_t log pi`` (detached) of each reply (Meng et al.
+    2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward", eq. 6).
+
+    ``L = -log sigmoid(beta * (m_c - m_r) - gamma)`` with ``m`` the length-averaged reply log-prob and ``gamma``
+    the target reward margin; no reference model. trl's ``CPOTrainer`` with ``loss_type="simpo"`` and
+    ``cpo_alpha=0`` (its ``simpo_gamma`` is ``gamma``).
+    """
+    losses = -F.logsigmoid(beta * (chosen_mean_logps - rejected_mean_logps) - gamma)
+    return losses, beta * chosen_mean_logps.detach(), beta * rejected_mean_logps.detach()
+
+
+def cpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    chosen_nll: torch.Tensor,
+    *,
+    beta: float,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair CPO losses [B] and the rewards ``beta * log pi`` (detached) of each reply (Xu et al. 2024,
+    "Contrastive Preference Optimization", eq. 3 plus the NLL term of its section 3).
+
+    ``L = -log sigmoid(beta * (log pi(y_c|x) - log pi(y_r|x))) + alpha * NLL(y_c)``: DPO's sigmoid loss with the
+    reference dropped (summed reply log-probs), plus ``alpha`` times the chosen reply's per-token negative
+    log-likelihood ``chosen_nll``. trl's ``CPOTrainer`` (``loss_type="sigmoid"``, ``cpo_alpha=alpha``), which
+    averages the NLL over the batch's chosen tokens rather than per pair.
+    """
+    losses = -F.logsigmoid(beta * (chosen_logps - rejected_logps)) + alpha * chosen_nll
+    return losses, beta * chosen_logps.detach(), beta * rejected_logps.detach()
+
+
+def kto_reference_point(mismatched_logps: torch.Tensor, mismatched_ref_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point ``z0 = max(0, mean_i (log pi(y_j|x_i) - log ref(y_j|x_i)))`` (detached): the batch
+    estimate of ``KL(pi || ref)`` from completions ``y_j`` scored after the prompts ``x_i`` of other examples,
+    so that ``z0`` carries no gradient of the examples' own rewards (Ethayarajh et al. 2024, section 4.1; trl's
+    ``KTOTrainer``)."""
+    return (mismatched_logps - mismatched_ref_logps).mean().detach().clamp(min=0)
+
+
+def kto_loss(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    z0: torch.Tensor,
+    *,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example KTO losses [N] and the implicit rewards ``r = beta * (log pi - log ref)`` (detached)
+    (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", eq. 7-8).
+
+    With ``h = log pi(y|x) - log ref(y|x)`` and the reference point ``z0`` (:func:`kto_reference_point`):
+    ``L = w_d (1 - sigmoid(beta (h - z0)))`` for a desirable example (``desirable`` true, thumbs-up) and
+    ``L = w_u (1 - sigmoid(beta (z0 - h)))`` for an undesirable one. The batch loss is the mean over its
+    examples, as trl's ``KTOTrainer``; ``w_d n_d / (w_u n_u)`` in ``[1, 4/3]`` is the paper's advice for
+    imbalanced feedback.
+    """
+    h = logps - ref_logps
+    desirable = desirable.bool()
+    value = torch.where(desirable, h - z0, z0 - h)
+    weights = torch.where(desirable, h.new_tensor(desirable_weight), h.new_tensor(undesirable_weight))
+    return weights * (1 - torch.sigmoid(beta * value)), beta * h.detach()
 
 
 def per_token_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,11 @@ The rollout, rewards (and DAPO's overlong penalty / truncation masking), zero-va
   clipped surrogate ``-min(rho_i A_i, clamp(rho_i, 1 - epsilon_low, 1 + epsilon_high) A_i)``, mean over the
   completions (its gradient on the first pass, ``rho = 1``, is REINFORCE's; a wide ``epsilon`` switches the
   clipping off);
-- no KL term and no reference model (trl's ``beta`` reward penalty is not implemented).
+- the KL to the reference, when ``task.beta > 0``, is a reward penalty as in trl's ``RLOOTrainer``, not a loss
+  term: ``r_i - beta KL_i`` before the advantages, with ``KL_i = sum_t (log pi_old(a_t) - log pi_ref(a_t))`` over
+  the completion's tokens (:func:`~tunelab.tasks.grpo_losses.sequence_kl`, computed once without gradient at
+  scoring time; ``train/kl`` is then its mean per completion token); at ``beta = 0`` (the default) no reference
+  model is built.
 """
 
 from __future__ import annotations
@@ -20,12 +24,12 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from tunelab.data.prompts import PromptDataModule
 from tunelab.methods.spec import Method
 from tunelab.tasks.grpo import GRPOModule, check_group_config
-from tunelab.tasks.grpo_losses import PolicyLoss, leave_one_out_advantages, sequence_ratio_loss
-from tunelab.tasks.objective import OBJECTIVES, BuildContext, Objective
-from tunelab.tasks.reward_sources import build_reward_fn
+from tunelab.tasks.grpo_losses import PolicyLoss, leave_one_out_advantages, sequence_kl, sequence_ratio_loss
+from tunelab.tasks.objective import OBJECTIVES, Objective
+from tunelab.tasks.reward_sources import rollout_builder
+from tunelab.tasks.rollout import Completions
 
 
 class RLOOModule(GRPOModule):
@@ -33,7 +37,30 @@ class RLOOModule(GRPOModule):
 
     @staticmethod
     def reference_weight(task_cfg: DictConfig) -> float:
+        """No KL term in the loss (``task.beta`` penalizes the reward, :meth:`reward_penalty`)."""
         return 0.0
+
+    @torch.no_grad()
+    def reward_penalty(self, completions: Completions) -> torch.Tensor:
+        """``beta KL_i`` of each completion (module docstring); 0 without a reference (``beta = 0``)."""
+        beta = float(self.cfg.beta)
+        if self.engine.reference is None:
+            return super().reward_penalty(completions)
+        args = (completions.input_ids, completions.attention_mask, completions.labels)
+        mask = completions.mask.float()
+        chunks = torch.arange(len(mask), device=mask.device).split(self.cfg.chunk_size)
+        kl = torch.cat(
+            [
+                sequence_kl(
+                    self.completion_logps(completions, chunk),
+                    self.engine.reference_logps(self.model, *(arg[chunk] for arg in args)),
+                    mask[chunk],
+                )
+                for chunk in chunks
+            ]
+        )
+        self.log("train/kl", kl.sum() / mask.sum().clamp(min=1.0), batch_size=len(mask))
+        return beta * kl
 
     @property
     def loss_type(self) -> str:
@@ -64,20 +91,10 @@ def check_rloo_config(cfg: DictConfig, method: Method) -> None:
     check_group_config(cfg)
 
 
-def build_rloo(context: BuildContext) -> tuple[PromptDataModule, RLOOModule]:
-    cfg, method = context.cfg, context.method
-    datamodule = PromptDataModule(cfg.data, context.tokenizer, cfg.paths.cache_dir)
-    reward_fn = build_reward_fn(cfg.task.reward, context.load_run)
-    module = RLOOModule(
-        context.model, context.tokenizer, cfg.task, method.trains_all_weights, reward_fn, method.trains_base_in_place
-    )
-    return datamodule, module
-
-
 OBJECTIVES.register(
     Objective(
         name="rloo",
-        build=build_rloo,
+        build=rollout_builder(RLOOModule),
         data_kind="prompts",
         data_hint="data=arith_prompts or data=prompts",
         check=check_rloo_config,

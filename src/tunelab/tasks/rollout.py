@@ -4,16 +4,19 @@ function, and the per-token log-probs of the completion tokens under the policy 
 
 The policy is the sampling distribution ``pi(a | s) = softmax(logits(s) / T)`` with ``T = temperature`` (all of
 the vocabulary: ``top_k=0, top_p=1``); the reference ``pi_ref`` is scaled by the same ``T``. Completions are
-generated in eval mode without gradient; the response mask keeps each row's tokens up to and including its first
-EOS. Scores are ``reward_fn(texts, records)`` of the decoded completions (as generated, special tokens left out)
-and the prompts' data records.
+generated without gradient by a :class:`GenerationEngine` (the interface a vLLM engine would implement; the
+default, :class:`TransformersEngine`, is transformers' ``generate`` in eval mode); the response mask keeps each
+row's tokens up to and including its first EOS. Scores are ``reward_fn(texts, records)`` of the decoded
+completions (as generated, special tokens left out) and the prompts' data records.
 
 Also shared by the RL objectives: :func:`disable_dropout` (so the rollout's log-probs are exactly those of the
 policy being updated), :func:`rollout_batches` (the scheduler's length: one step per rollout batch) and
 :func:`check_manual_optimization` (the trainer settings an objective that steps its own optimizer refuses).
 
 Reward functions follow :data:`RewardFn`; one that holds a model may define ``to(device)``, called before each use
-so that model sits beside the policy (:class:`tunelab.rewards.model.RewardModelScorer` does). The policy is passed
+so that model sits beside the policy (:class:`tunelab.rewards.model.RewardModelScorer` does), and one that scores
+failing samples 0 may define ``take_zeroed()``, their count since the last call
+(:class:`tunelab.rewards.checked.CheckedReward`). The policy is passed
 to each call (see :mod:`tunelab.tasks.reference`).
 """
 
@@ -22,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from omegaconf import DictConfig
@@ -95,9 +98,59 @@ class Completions:
         return tail.masked_fill(~keep, IGNORE_INDEX)
 
 
+def concat_completions(parts: Sequence[Completions], pad_token_id: int) -> Completions:
+    """The rows of several :class:`Completions` as one: each part's prompts padded on the left and its responses on
+    the right to the longest (``pad_token_id``, attention 0, outside the response mask), so every row keeps its
+    tokens, response mask and :attr:`Completions.labels` (up to the padding)."""
+    prompt = max(part.input_ids.shape[1] - part.mask.shape[1] for part in parts)
+    response = max(part.mask.shape[1] for part in parts)
+
+    def pad(part: Completions, tensor: torch.Tensor, value: int | bool) -> torch.Tensor:
+        left = prompt - (part.input_ids.shape[1] - part.mask.shape[1])
+        return torch.nn.functional.pad(tensor, (left, response - part.mask.shape[1]), value=value)
+
+    return Completions(
+        input_ids=torch.cat([pad(part, part.input_ids, pad_token_id) for part in parts]),
+        attention_mask=torch.cat([pad(part, part.attention_mask, 0) for part in parts]),
+        mask=torch.cat([torch.nn.functional.pad(part.mask, (0, response - part.mask.shape[1])) for part in parts]),
+        ended=torch.cat([part.ended for part in parts]),
+        texts=[text for part in parts for text in part.texts],
+    )
+
+
+Prompts = Mapping[str, torch.Tensor]  # input_ids [B, P] left-padded, attention_mask [B, P] (0 on the padding)
+
+
+class GenerationEngine(Protocol):
+    """What samples the completions of a rollout; the objectives see only :class:`RolloutEngine`, so another
+    engine (vLLM on a GPU machine, serving the policy's weights) is a class with this one method."""
+
+    def generate(self, policy: torch.nn.Module, prompts: Prompts, temperature: float | None) -> torch.Tensor:
+        """[B, P + R]: the prompts' ``input_ids`` followed by up to ``R`` tokens (the engine's own cap) of ``policy``
+        as its weights are now, sampled from ``softmax(logits / temperature)`` over the full vocabulary, or greedy
+        for ``temperature=None``; a row that ends before ``R`` is filled after its EOS (with EOS or padding). No
+        gradient."""
+        ...
+
+
+class TransformersEngine:
+    """:class:`GenerationEngine` of transformers' ``generate`` on the policy itself, in eval mode, up to
+    ``max_new_tokens`` tokens (:func:`tunelab.generation.generate_tokens`)."""
+
+    def __init__(self, tokenizer: Any, max_new_tokens: int) -> None:
+        self.tokenizer, self.max_new_tokens = tokenizer, max_new_tokens
+
+    @torch.no_grad()
+    def generate(self, policy: torch.nn.Module, prompts: Prompts, temperature: float | None) -> torch.Tensor:
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature else {}
+        input_ids, attention_mask = prompts["input_ids"], prompts["attention_mask"]
+        return generate_tokens(policy, self.tokenizer, input_ids, attention_mask, self.max_new_tokens, **sampling)
+
+
 class RolloutEngine:
     """Completions of prompts, their rewards, and their log-probs under the policy and the reference (module
-    docstring); ``reference`` ``None``: an objective without one (GRPO at ``beta = 0``)."""
+    docstring); ``reference`` ``None``: an objective without one (GRPO at ``beta = 0``); ``generator`` the
+    :class:`GenerationEngine` that samples (default: :class:`TransformersEngine` up to ``max_new_tokens``)."""
 
     def __init__(
         self,
@@ -107,18 +160,19 @@ class RolloutEngine:
         *,
         temperature: float,
         max_new_tokens: int,
+        generator: GenerationEngine | None = None,
     ) -> None:
         self.tokenizer, self.reward_fn, self.reference = tokenizer, reward_fn, reference
+        self.generator = generator if generator is not None else TransformersEngine(tokenizer, max_new_tokens)
         self.temperature, self.max_new_tokens = temperature, max_new_tokens
+        self.zeroed = 0  # samples of the last score() call scored 0 after an error
 
     @torch.no_grad()
     def complete(self, policy: torch.nn.Module, batch: Mapping[str, Any], *, sample: bool) -> Completions:
         """Completions of the batch's prompts (``input_ids`` / ``attention_mask``, left-padded) in eval mode:
         sampled from ``pi`` or greedy."""
-        sampling = {"do_sample": True, "temperature": self.temperature, "top_k": 0, "top_p": 1.0} if sample else {}
-        output = generate_tokens(
-            policy, self.tokenizer, batch["input_ids"], batch["attention_mask"], self.max_new_tokens, **sampling
-        )
+        temperature = self.temperature if sample else None
+        output = self.generator.generate(policy, batch, temperature)
         response = output[:, batch["input_ids"].shape[1] :]
         mask = response_mask(response, self.tokenizer.eos_token_id)
         tokens = [row[keep].tolist() for row, keep in zip(response, mask, strict=True)]
@@ -131,12 +185,17 @@ class RolloutEngine:
         )
 
     def score(self, completions: Completions, records: Sequence[dict[str, Any]]) -> torch.Tensor:
-        """``reward_fn`` of the completions, float32 [B] on the completions' device."""
+        """``reward_fn`` of the completions, float32 [B] on the completions' device; :attr:`zeroed` becomes the count
+        of its samples scored 0 after an error (``on_error: zero``, ``take_zeroed()`` of the reward; 0 for a reward
+        that does not count them)."""
         device = completions.input_ids.device
         place = getattr(self.reward_fn, "to", None)
         if callable(place):
             place(device)
-        return self.reward_fn(completions.texts, list(records)).to(device, torch.float32)
+        rewards = self.reward_fn(completions.texts, list(records)).to(device, torch.float32)
+        take = getattr(self.reward_fn, "take_zeroed", None)
+        self.zeroed = int(take()) if callable(take) else 0
+        return rewards
 
     def response_logps(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """From the logits of a forward over a completion: ``log pi(a_t)`` [B, R] (0 off the response) and the

@@ -9,6 +9,14 @@ Validation (dataloader 0): the same loss averaged over all supervised tokens of 
 ``task.generation.num_samples`` prompts, scored with SacreBLEU and ROUGE-1/2/L/Lsum against references;
 with ``task.generation.labels`` set, also the accuracy / macro-F1 of the label each answer states on its
 ``"<label_field>: <label>"`` line (classification and generation in one answer, e.g. sentiment + analysis).
+Validation (last dataloader, when the split's records carry options, e.g. ``data.format=medqa``): every
+multiple-choice question, scored two ways (:mod:`tunelab.metrics.mcq`): ``mcq_acc``, the letter its greedy
+answer (``task.generation.max_new_tokens``) states, unparsed ones wrong and counted in ``mcq_unparsed``; and
+``mcq_acc_ll`` / ``mcq_acc_ll_norm``, the option with the highest log-probability (summed / per character of
+its response). The scored continuation of option j is exactly what training supervises had j been right: the
+tokens after the prompt (chat template with the generation prompt) of
+``template(prompt + [assistant: "<letter_j>. <text_j>"])``, i.e. the response and the template's end-of-turn
+tokens, truncated to ``data.max_length`` like a training example (:mod:`tunelab.data.choices`).
 Test mirrors validation under the ``test/`` prefix.
 """
 
@@ -24,6 +32,7 @@ from torchmetrics import MeanMetric
 from tunelab.data.datamodule import SFTDataModule
 from tunelab.data.tokenization import IGNORE_INDEX
 from tunelab.generation import generate_answers
+from tunelab.metrics.mcq import MultipleChoiceMetrics, sequence_logprobs
 from tunelab.metrics.text import GeneratedLabelMetrics, GenerationMetrics, token_accuracy
 from tunelab.models.segment_attention import runs_segment_attention
 from tunelab.tasks.base import TaskModule
@@ -53,7 +62,12 @@ class SFTModule(TaskModule):
         self._step_loss: torch.Tensor | float = 0.0  # this rank's part of the current optimizer step's loss
 
     def _stage_metrics(self, stage: str) -> torch.nn.ModuleDict:
-        metrics = {"loss": MeanMetric(), "token_acc": MeanMetric(), "text": GenerationMetrics(prefix=f"{stage}/")}
+        metrics = {
+            "loss": MeanMetric(),
+            "token_acc": MeanMetric(),
+            "text": GenerationMetrics(prefix=f"{stage}/"),
+            "mcq": MultipleChoiceMetrics(prefix=f"{stage}/"),
+        }
         if self.cfg.generation.get("labels"):
             labels, field = self.cfg.generation.labels, self.cfg.generation.label_field
             metrics["labels"] = GeneratedLabelMetrics(labels, field, prefix=f"{stage}/")
@@ -65,16 +79,21 @@ class SFTModule(TaskModule):
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None = None,
         segment_lengths: list[int] | None = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """Logits aligned with ``input_ids`` (soft-prompt methods prepend virtual positions: dropped here). A packed
         batch has ``position_ids`` restarting per example and no attention mask (see ``PackedCollator``); without a
         KV cache, from which transformers would otherwise build a plain causal mask across the examples. Its
-        ``segment_lengths`` go to the model when it runs segment attention (one attention call per example)."""
-        packed = {"position_ids": position_ids, "use_cache": False} if position_ids is not None else {}
+        ``segment_lengths`` go to the model when it runs segment attention (one attention call per example).
+        ``logits_to_keep`` = N > 0: only the last N positions' logits (transformers' ``logits_to_keep``; N at most
+        ``input_ids``' length, so none of them is virtual), which spares the vocabulary-wide logits of the rest."""
+        extra: dict[str, Any] = {"position_ids": position_ids, "use_cache": False} if position_ids is not None else {}
         if segment_lengths is not None and self.segment_attention:
-            packed["segment_lengths"] = segment_lengths
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **packed).logits
-        virtual = logits.shape[1] - input_ids.shape[1]
+            extra["segment_lengths"] = segment_lengths
+        if logits_to_keep:
+            extra["logits_to_keep"] = logits_to_keep
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+        virtual = logits.shape[1] - (logits_to_keep or input_ids.shape[1])
         return logits[:, virtual:] if virtual else logits
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -99,21 +118,43 @@ class SFTModule(TaskModule):
         self.log("train/loss", step_loss, prog_bar=True, batch_size=1)
         self._step_loss = 0.0
 
+    def choice_logprobs(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Summed log-probability of each option row's supervised tokens (``ChoiceCollator`` rows) [rows]. The rows
+        are right-padded, so every supervised token lies after the earliest first one: logits are computed from the
+        position before it on (long prompts, short options: most of the vocabulary-wide logits are never needed)."""
+        scores = []
+        for rows in batch["choice_rows"]:
+            labels = rows["labels"]
+            supervised = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero()
+            keep = labels.shape[1] - int(supervised[0]) if len(supervised) else 1
+            logits = self(rows["input_ids"], rows["attention_mask"], logits_to_keep=keep)
+            scores.append(sequence_logprobs(logits, labels[:, -keep:]))
+        return torch.cat(scores)
+
+    def _generate(self, batch: dict[str, Any]) -> list[str]:
+        return generate_answers(
+            self.model,
+            self.tokenizer,
+            batch["prompt_input_ids"],
+            batch["prompt_attention_mask"],
+            self.cfg.generation.max_new_tokens,
+        )
+
     def _eval_step(self, stage: str, batch: dict[str, Any], dataloader_idx: int = 0) -> None:
+        """One batch of the loss loader (``labels``), the multiple-choice loader (``choice_rows``) or the
+        generation loader (prompts only)."""
         metrics = self.stage_metrics[stage]
-        if dataloader_idx == 0:
+        if "labels" in batch:
             logits = self(batch["input_ids"], batch["attention_mask"])
             loss, count = causal_lm_loss(logits, batch["labels"])
             metrics["loss"].update(loss, weight=count)
             metrics["token_acc"].update(token_accuracy(logits, batch["labels"]), weight=count)
+        elif "choice_rows" in batch:
+            logprobs = self.choice_logprobs(batch)
+            predictions = self._generate(batch)
+            metrics["mcq"].update(predictions, batch["options"], batch["answers"], logprobs, batch["choice_chars"])
         else:
-            predictions = generate_answers(
-                self.model,
-                self.tokenizer,
-                batch["prompt_input_ids"],
-                batch["prompt_attention_mask"],
-                self.cfg.generation.max_new_tokens,
-            )
+            predictions = self._generate(batch)
             metrics["text"].update(predictions, batch["references"])
             if "labels" in metrics:
                 metrics["labels"].update(predictions, batch["references"])
@@ -134,6 +175,7 @@ class SFTModule(TaskModule):
         if self.cfg.generation.num_samples:
             values.update(metrics["text"].compute())
             values.update(metrics["labels"].compute() if "labels" in metrics else {})
+        values.update(metrics["mcq"].compute(lambda counts: self.trainer.strategy.reduce(counts, reduce_op="sum")))
         self.log_dict(values, prog_bar=stage == "val", sync_dist=False)
         for metric in metrics.values():
             metric.reset()
