@@ -352,13 +352,15 @@ def test_the_objective_samples_through_its_generation_engine(compose_cfg, tmp_pa
     assert calls[1:] == [(4, None)]  # validation: 4 prompts, greedy
 
 
-def test_rloo_beta_penalizes_the_reward_with_the_sequence_kl(compose_cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("overlong_cache", [None, 2])
+def test_rloo_beta_penalizes_the_reward_with_the_sequence_kl(overlong_cache, compose_cfg, tmp_path, monkeypatch):
     """task=rloo with beta > 0 (method=full: the reference is a frozen copy, and the policy is perturbed after it is
     taken so the KL is not 0): the loss's advantages are the leave-one-out ones of ``r - beta KL`` with
     ``KL_i = sum_t m_t (log pi_old - log pi_ref)`` of the very log-probs the update and the reference give, and
-    ``train/kl`` is its mean per completion token."""
+    ``train/kl`` is its mean per completion token. With ``overlong_cache`` the soft overlong penalty is added on top
+    of the KL penalty (neither replaces the other)."""
     import tunelab.tasks.rloo as rloo
-    from tunelab.tasks.grpo_losses import leave_one_out_advantages
+    from tunelab.tasks.grpo_losses import leave_one_out_advantages, soft_overlong_penalty
 
     beta, rewards, losses, references = 0.1, [], [], []
     original_loss = rloo.sequence_ratio_loss
@@ -374,7 +376,9 @@ def test_rloo_beta_penalizes_the_reward_with_the_sequence_kl(compose_cfg, tmp_pa
     monkeypatch.setattr(rloo, "sequence_ratio_loss", spy)
     overrides = [o.replace("task=grpo", "task=rloo") for o in grpo_overrides(tmp_path, "trainer.max_steps=1")]
     extra = ["method=full", f"task.beta={beta}", "task.chunk_size=64", "task.dynamic_sampling=off"]
-    cfg = compose_cfg([*overrides, *extra])
+    cfg = compose_cfg(
+        [*overrides, *extra, f"task.overlong_cache={'null' if overlong_cache is None else overlong_cache}"]
+    )
     OBJECTIVES["rloo"].check(cfg, METHODS["full"])
     data_cfg = prompt_data_cfg(write_jsonl(tmp_path / "p.jsonl", counting_prompts(20)), batch_size=3)
     module, datamodule = build_grpo(cfg, data_cfg, reward, rloo.RLOOModule)
@@ -395,6 +399,11 @@ def test_rloo_beta_penalizes_the_reward_with_the_sequence_kl(compose_cfg, tmp_pa
     (old_logps, advantages, mask), (reference,) = losses[0], references
     kl = ((old_logps - reference) * mask).sum(-1)
     assert kl.abs().max() > 1e-3
-    expected, _ = leave_one_out_advantages(rewards[0] - beta * kl, cfg.task.num_generations)
+    shaped = rewards[0] - beta * kl
+    if overlong_cache is not None:
+        lengths = mask.sum(-1)
+        assert (lengths > cfg.task.rollout.max_new_tokens - overlong_cache).any()  # the penalty bites somewhere
+        shaped = shaped + soft_overlong_penalty(lengths, cfg.task.rollout.max_new_tokens, overlong_cache)
+    expected, _ = leave_one_out_advantages(shaped, cfg.task.num_generations)
     torch.testing.assert_close(advantages, expected, rtol=0, atol=1e-6)
     assert logged(tmp_path, "train/kl") == pytest.approx([(kl.sum() / mask.sum()).item()], rel=1e-6)

@@ -139,26 +139,6 @@ def backbone_forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) ->
     return model.get_base_model().base_model(**inputs)
 
 
-def check_target_modules(model: torch.nn.Module, method_cfg: DictConfig) -> None:
-    """Every name of a ``target_modules`` list names a module of ``model`` (peft matches ``name`` or a dotted
-    suffix ``.name``); peft itself refuses only a list that matches nothing, and would silently skip the rest.
-    The refusal names the missing names and a few of the model's Linear layer names. A string (``all-linear``,
-    a regex) is peft's to match."""
-    targets = module_names(method_cfg.target_modules)
-    if isinstance(targets, str):
-        return
-    names = [name for name, _ in model.named_modules()]
-    missing = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in names)]
-    if missing:
-        linear = sorted(
-            {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-        )
-        raise ConfigError(
-            f"method.target_modules names {missing}, which match no module of {type(model).__name__}; its Linear "
-            f"layers are named {linear[:12]}: set method.target_modules to some of them (or all-linear)"
-        )
-
-
 def check_target_parameters(model: torch.nn.Module, method_cfg: DictConfig) -> None:
     """Every name of ``method.target_parameters`` names a parameter of ``model`` (peft matches ``name`` or a dotted
     suffix ``.name``, as for modules); the refusal names the missing names and a few of the model's 3-D (fused

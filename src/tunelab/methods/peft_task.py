@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from tunelab.errors import ConfigError
+
 SUFFIXES = {
     "ForCausalLM": "CAUSAL_LM",
     "ForSequenceClassification": "SEQ_CLS",
@@ -30,14 +32,31 @@ def module_names(value: Any) -> str | list[str]:
     return [str(name) for name in (OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)]
 
 
+def check_target_modules(model: torch.nn.Module, method_cfg: DictConfig) -> None:
+    """Every name of a ``target_modules`` list names a module of ``model`` (peft matches ``name`` or a dotted
+    suffix ``.name``); peft itself refuses only a list that matches nothing, and would silently skip the rest.
+    The refusal names the missing names and a few of the model's Linear layer names. A string (``all-linear``,
+    a regex) is peft's to match."""
+    targets = module_names(method_cfg.target_modules)
+    if isinstance(targets, str):
+        return
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in names)]
+    if missing:
+        linear = sorted(
+            {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        )
+        raise ConfigError(
+            f"method.target_modules names {missing}, which match no module of {type(model).__name__}; its Linear "
+            f"layers are named {linear[:12]}: set method.target_modules to some of them (or all-linear)"
+        )
+
+
 def inject_peft(model: torch.nn.Module, method_cfg: DictConfig, make_config: Callable[[DictConfig, str], Any]):
     """Freeze ``model`` and wrap it in peft with ``make_config(method_cfg, task_type)`` (a peft ``PeftConfig``),
-    after checking that each ``target_modules`` name names a module (``lora.check_target_modules``); a peft refusal
+    after checking that each ``target_modules`` name names a module (:func:`check_target_modules`); a peft refusal
     becomes a ConfigError naming the method."""
     from peft import get_peft_model
-
-    from tunelab.errors import ConfigError
-    from tunelab.methods.lora import check_target_modules
 
     check_target_modules(model, method_cfg)
     try:

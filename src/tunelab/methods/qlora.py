@@ -22,8 +22,8 @@ import torch
 from omegaconf import DictConfig
 
 from tunelab.errors import ConfigError
-from tunelab.methods.lora import check_init, check_rank, check_target_modules, lora_config, lora_plus_scale
-from tunelab.methods.peft_task import peft_task_type
+from tunelab.methods.lora import check_init, check_rank, lora_config, lora_plus_scale
+from tunelab.methods.peft_task import check_target_modules, peft_task_type
 from tunelab.methods.spec import METHODS, Method
 from tunelab.models.loading import keep_cpu_kernels_trainable
 from tunelab.trainer_config import shards_parameters

@@ -312,7 +312,7 @@ class GRPOModule(TaskModule):
         shaped = rewards - self.reward_penalty(completions)
         if cfg.overlong_cache is not None:
             lengths = completions.mask.sum(-1)
-            shaped = rewards + soft_overlong_penalty(lengths, cfg.rollout.max_new_tokens, cfg.overlong_cache)
+            shaped = shaped + soft_overlong_penalty(lengths, cfg.rollout.max_new_tokens, cfg.overlong_cache)
         advantages, flat = self.advantages(shaped)
         return ScoredGroups(completions, rewards, advantages, flat, zeroed)
 
