@@ -166,3 +166,16 @@ def test_a_pruned_adapter_exports_at_its_kept_ranks_and_reloads_to_the_same_logi
     with torch.no_grad():
         expected = aligned_logits(objects["model"].eval(), batch)
         torch.testing.assert_close(aligned_logits(reloaded, batch), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("trainer", ["deepspeed_zero2", "deepspeed_zero3", "fsdp"])
+def test_deepspeed_and_fsdp_are_refused_at_config_time(trainer, compose_cfg):
+    """The allocator reads each adapter weight and its gradient whole (ZeRO-3 measured failing inside the
+    orthogonality term); DeepSpeed and FSDP partition them, so the config check refuses the pair in one line."""
+    from tunelab.config_checks import check_config
+    from tunelab.errors import ConfigError
+
+    cfg = compose_cfg(["method=adalora", f"trainer={trainer}", "trainer.accelerator=cpu", "trainer.devices=2"])
+    with pytest.raises(ConfigError, match=r"method=adalora cannot run under trainer.strategy=.*use trainer=ddp"):
+        check_config(cfg)
+    check_config(compose_cfg(["method=adalora", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]))

@@ -103,6 +103,7 @@ def test_redact_replaces_secret_values_and_nothing_else(monkeypatch):
             "model": {"hf_token": SECRET, "token": "${oc.env:TUNELAB_SAFETY_TOKEN}", "use_auth_token": True},
             "logger": {"WANDB_API_KEY": "k" * 40, "client_secret": None, "notes": "from ${model.hf_token}"},
             "generation": {"max_new_tokens": 8, "num_key_value_heads": 2, "tokenizer": "smollm2_package"},
+            "method": {"projection_prng_key": 0, "cache_key": 1.5},  # numbers (a seed) are no credential
         }
     )
     argv = ["train.py", f"+model.hf_token={SECRET}", "--db-password=hunter22", "logger=wandb", f"tag=x{SECRET}y"]
@@ -112,6 +113,7 @@ def test_redact_replaces_secret_values_and_nothing_else(monkeypatch):
         "model": {"hf_token": "***", "token": "***", "use_auth_token": True},
         "logger": {"WANDB_API_KEY": "***", "client_secret": None, "notes": "from ***"},
         "generation": {"max_new_tokens": 8, "num_key_value_heads": 2, "tokenizer": "smollm2_package"},
+        "method": {"projection_prng_key": 0, "cache_key": 1.5},
     }
     assert words[:-1] == ["train.py", "+model.hf_token=***", "--db-password=***", "logger=wandb", "tag=x***y"]
     assert words[-1] == "data.size=8,+model.hf_token=***,seed=1"

@@ -15,11 +15,14 @@ pytestmark = pytest.mark.slow  # multi-process runs (2 CPU processes, subprocess
 TWO_ULPS = 2e-6  # two fp32 rounding steps at a loss of ~10.5
 
 
-def expected_lora_shapes(base: torch.nn.Module, adapter_dir) -> dict[str, tuple[int, ...]]:
-    """Adapter tensor names and shapes of a fresh, unsharded LoRA model built from the saved adapter config."""
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+def expected_adapter_shapes(base: torch.nn.Module, adapter_dir) -> dict[str, tuple[int, ...]]:
+    """Adapter tensor names and shapes of a fresh, unsharded peft model built from the saved adapter config (of
+    whichever peft type it names: LoRA, DoRA, VeRA, AdaLoRA, ...)."""
+    from peft import PeftConfig, get_peft_model, get_peft_model_state_dict
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    state = get_peft_model_state_dict(get_peft_model(base, LoraConfig.from_pretrained(adapter_dir)))
+    config = PEFT_TYPE_TO_CONFIG_MAPPING[PeftConfig._get_peft_type(str(adapter_dir))].from_pretrained(adapter_dir)
+    state = get_peft_model_state_dict(get_peft_model(base, config))
     return {name: tuple(t.shape) for name, t in state.items()}
 
 
@@ -67,7 +70,7 @@ def test_sharded_lora_trains_and_exports_a_complete_adapter(
     saved = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     model = next((o for o in overrides if o.startswith("model=")), "model=tiny")
     base = load_model(compose_cfg([model]).model, cache_dir).model
-    assert {k: tuple(v.shape) for k, v in saved.items()} == expected_lora_shapes(base, run_dir / "adapter")
+    assert {k: tuple(v.shape) for k, v in saved.items()} == expected_adapter_shapes(base, run_dir / "adapter")
     assert any(".mlp.experts." in k for k in saved) == (model == "model=tiny_moe"), "expert A, B (target_parameters)"
     lora_b = [v for k, v in saved.items() if "lora_B" in k]
     assert all(torch.count_nonzero(v) > 0 for v in lora_b), "lora_B starts at zero: every one must have trained"
@@ -78,3 +81,28 @@ def test_sharded_lora_trains_and_exports_a_complete_adapter(
     assert reloaded_loss(run_dir / "adapter", split) == pytest.approx(expected, abs=TWO_ULPS)
     if "export.merged=true" in overrides:  # merged from the gathered adapter, not from this rank's slices
         assert reloaded_loss(run_dir / "merged", split) == pytest.approx(expected, abs=TWO_ULPS)
+
+
+# Each method's tensors that peft initialises to zero: nonzero after training means every rank's shard trained and
+# was gathered into the export.
+ZERO_INIT = {"dora": "lora_B", "vera": "vera_lambda_b"}  # adalora is refused under DeepSpeed and FSDP
+
+
+@pytest.mark.parametrize("method", sorted(ZERO_INIT))
+def test_zero3_exports_the_lora_family_completely(method, alpaca_file, tmp_path, cache_dir, compose_cfg):
+    """DoRA (magnitude vectors) and VeRA (the shared frozen projections it saves) under ZeRO-3: the export holds
+    every tensor a fresh unsharded model of the saved config has, with its shape, the zero-initialised ones
+    trained, and it reloads with the run's test loss to 2 fp32 ulps."""
+    from tunelab.models.loading import load_model
+
+    run_dir = tmp_path / "run"
+    result = run_distributed(alpaca_file, run_dir, "deepspeed_zero3", f"method={method}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["val/loss"] < metrics["untrained/val/loss"]
+    saved = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    base = load_model(compose_cfg(["model=tiny"]).model, cache_dir).model
+    assert {k: tuple(v.shape) for k, v in saved.items()} == expected_adapter_shapes(base, run_dir / "adapter")
+    zero_init = [v for k, v in saved.items() if ZERO_INIT[method] in k]
+    assert zero_init and all(torch.count_nonzero(v) > 0 for v in zero_init), f"{ZERO_INIT[method]} must have trained"
+    assert reloaded_loss(run_dir / "adapter", "test") == pytest.approx(metrics["test/loss"], abs=TWO_ULPS)

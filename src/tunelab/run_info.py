@@ -81,9 +81,10 @@ def redact(value: Any) -> Any:
 
     A secret is the value of a key :func:`is_secret_name` matches, in a mapping or in a ``key=value`` part of a
     string (a command-line override ``+model.hf_token=abc``, or one of those Hydra joins with commas); it becomes
-    ``"***"`` (None and booleans stay: they are no credential). Each secret string of 4 or more characters is also
-    replaced wherever else it occurs in a string of ``value`` (e.g. an interpolation that copied it). A DictConfig
-    is resolved first, so a secret read with ``${oc.env:...}`` is replaced, never written.
+    ``"***"`` (None, booleans and numbers stay: they are no credential, and a seed such as VeRA's
+    ``projection_prng_key`` must read back as the number the run used). Each secret string of 4 or more characters
+    is also replaced wherever else it occurs in a string of ``value`` (e.g. an interpolation that copied it). A
+    DictConfig is resolved first, so a secret read with ``${oc.env:...}`` is replaced, never written.
     """
     plain = _plain(value)
     secrets: set[str] = set()
@@ -130,7 +131,7 @@ def _scrub(value: Any, secrets: list[str]) -> Any:
 
 
 def _is_credential(value: Any) -> bool:
-    return value is not None and not isinstance(value, bool)
+    return value is not None and not isinstance(value, (bool, int, float))
 
 
 def hydra_copies() -> list[Path]:

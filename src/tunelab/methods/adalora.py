@@ -26,13 +26,25 @@ from omegaconf import DictConfig
 from tunelab.errors import ConfigError
 from tunelab.methods.peft_task import inject_peft, module_names
 from tunelab.methods.spec import METHODS, Method
+from tunelab.trainer_config import strategy_name
 
 ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")
 
 
 def check_adalora(cfg: DictConfig, head: str) -> None:
-    """Ranks 1 <= ``target_r`` <= ``init_r``, EMA factors in (0, 1), ``deltaT`` >= 1, ``orth_reg_weight`` >= 0."""
+    """Ranks 1 <= ``target_r`` <= ``init_r``, EMA factors in (0, 1), ``deltaT`` >= 1, ``orth_reg_weight`` >= 0;
+    not under DeepSpeed or FSDP: :class:`AdaLoraAllocation` reads every P and Q whole, with its gradient in
+    ``p.grad``, after the optimizer step (peft 0.21.2's rank allocator; its DeepSpeed branch needs transformers'
+    ``HfDeepSpeedConfig``, which Lightning does not set). ZeRO keeps gradients in its own partitioned buffers,
+    ZeRO-3 and FSDP shard the parameters themselves (measured: ZeRO-3 fails in the orthogonality term)."""
     method = cfg.method
+    strategy = strategy_name(cfg.trainer.get("strategy", "auto"))
+    if "deepspeed" in strategy or "fsdp" in strategy:
+        raise ConfigError(
+            f"method=adalora cannot run under trainer.strategy={strategy}: its rank allocator reads each adapter "
+            "weight and its gradient whole after every optimizer step, and DeepSpeed / FSDP partition them; use "
+            "trainer=ddp (or one device)"
+        )
     if not (isinstance(method.init_r, int) and not isinstance(method.init_r, bool) and method.init_r >= 1):
         raise ConfigError(
             f"method.init_r={method.init_r} must be a whole rank >= 1 (P Lambda Q starts with init_r triplets); "
