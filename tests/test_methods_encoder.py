@@ -24,10 +24,12 @@ from .method_helpers import (
     perturb_trainable,
 )
 
-ENCODER_METHODS = ["lora", "dora", "ia3", "prompt", "ptuning", "prefix", "ptuning_v2", "adapter", "unipelt"]
+ENCODER_METHODS = [
+    *("lora", "dora", "vera", "loha", "lokr", "adalora", "ia3"),
+    *("prompt", "ptuning", "prefix", "ptuning_v2", "adapter", "unipelt"),
+]
 ENCODER_TARGETS = {
-    "lora": {"target_modules": ["query", "value"]},
-    "dora": {"target_modules": ["query", "value"]},
+    **{name: {"target_modules": ["query", "value"]} for name in ("lora", "dora", "vera", "loha", "lokr", "adalora")},
     "ia3": {"target_modules": ["key", "value", "output.dense"], "feedforward_modules": ["output.dense"]},
 }
 
@@ -136,7 +138,7 @@ def test_save_load_round_trip_and_disable_restore_the_right_logits(name, tmp_pat
             torch.testing.assert_close(logits(model, inputs), base_logits, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["lora", "dora", "ia3"])
+@pytest.mark.parametrize("name", ["lora", "dora", "vera", "loha", "lokr", "adalora", "ia3"])
 def test_merged_logits_equal_adapter_logits(name):
     model = adapted_bert(name)
     perturb_trainable(model)
