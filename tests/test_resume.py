@@ -59,3 +59,34 @@ def test_resume_reproduces_uninterrupted_losses(alpaca_file, compose_cfg, tmp_pa
     assert sorted(history) == list(range(total))  # the resume appended: no step repeated or skipped
     assert {k: history[k] for k in before_stop} == before_stop
     assert history == pytest.approx(uninterrupted, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        ["method=dora"],  # the magnitude vectors are trained tensors too
+        ["method=vera"],  # the frozen shared projections are rebuilt from their seed, not trained
+        ["method=loha"],
+        ["method=lokr"],
+        ["method=lora", "method.lora_plus_ratio=16"],  # LoRA+: B's parameter group at 16x the learning rate
+    ],
+    ids=["dora", "vera", "loha", "lokr", "lora_plus"],
+)
+def test_the_lora_family_resumes_to_the_uninterrupted_losses(method, alpaca_file, compose_cfg, tmp_path):
+    """12 steps in one run == 7 steps, stop, resume from last.ckpt: every step's loss within 1e-5 (fp32), for each
+    method of the LoRA family whose state is only its trained tensors and the optimizer's (AdaLoRA, which also
+    carries its allocator, has its own resume test in tests/test_adalora.py)."""
+    total, stop_at = 12, 7
+
+    def overrides(output_dir: Path, *extra: str) -> list[str]:
+        base = [o for o in resume_overrides(alpaca_file, output_dir, total) if not o.startswith("method")]
+        return [*base, *method, *extra]
+
+    full_dir, part_dir = tmp_path / "full", tmp_path / "part"
+    train(compose_cfg(overrides(full_dir)))
+    stop = [f"+callbacks.stop._target_={StopAfterSteps.__module__}.StopAfterSteps", f"+callbacks.stop.steps={stop_at}"]
+    train(compose_cfg(overrides(part_dir, *stop)))
+    train(compose_cfg(overrides(part_dir, f"ckpt_path={part_dir / 'checkpoints' / 'last.ckpt'}")))
+    uninterrupted, history = step_losses(full_dir), step_losses(part_dir)
+    assert sorted(history) == sorted(uninterrupted) == list(range(total))
+    assert history == pytest.approx(uninterrupted, abs=1e-5)
