@@ -171,6 +171,8 @@ def test_short_run_raises_the_reward_and_logs_every_metric(compose_cfg, tmp_path
     assert logged(tmp_path, "train/kl")[-1] > 0
     assert all(0 <= share <= 1 for share in logged(tmp_path, "train/zero_variance_share"))
     assert math.isfinite(trainer.callback_metrics["val/reward_mean"])
+    assert math.isfinite(trainer.callback_metrics["val/reward_stderr"])
+    assert 0 <= trainer.callback_metrics["val/exact_match"] <= 1  # the counting prompts carry an answer
     assert trainer.callback_metrics["val/completion_length"] > 0
     assert trainer.checkpoint_callback.monitor == "val/reward_mean" and trainer.checkpoint_callback.best_model_path
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,9 @@ def logged(output_dir: Path, key: str) -> list[float]:
         return [float(row[key]) for row in csv.DictReader(handle) if row.get(key)]
 
 
+LORA_RUN_METHOD = ("method=lora", "method.r=4")
+
+
 @pytest.fixture(scope="module")
 def lora_run(alpaca_file, tmp_path_factory):
     from hydra import compose, initialize_config_dir
@@ -28,8 +32,7 @@ def lora_run(alpaca_file, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("lora_run")
     overrides = [
         *tiny_overrides(alpaca_file, output_dir),
-        "method=lora",
-        "method.r=4",
+        *LORA_RUN_METHOD,
         "trainer.max_epochs=3",
         "export.merged=true",
     ]
@@ -144,6 +147,53 @@ def test_evaluate_from_exported_adapter_matches_checkpoint(lora_run, compose_cfg
         config_name="evaluate",
     )
     assert evaluate(cfg)["test/loss"] == pytest.approx(metrics["test/loss"], abs=1e-5)
+
+
+def init_adapter_cfg(compose_cfg, lora_run, alpaca_file, output_dir, *overrides: str, method=LORA_RUN_METHOD):
+    """The lora_run's settings (or another ``method``), untrained (``train=false``), its adapter as
+    ``init_adapter``."""
+    adapter = lora_run[0] / "adapter"
+    base = [*tiny_overrides(alpaca_file, output_dir), *method, "train=false"]
+    return compose_cfg([*base, f"init_adapter={adapter}", "export.adapter=false", *overrides])
+
+
+def test_init_adapter_starts_from_the_exported_weights(lora_run, alpaca_file, compose_cfg, tmp_path):
+    """``train=false init_adapter=<run>/adapter`` scores the run's best weights: its test loss, not the base's."""
+    _, metrics, _ = lora_run
+    scored, _ = train(init_adapter_cfg(compose_cfg, lora_run, alpaca_file, tmp_path / "scored"))
+    assert scored["test/loss"] == pytest.approx(metrics["test/loss"], abs=1e-5)
+    untouched, _ = train(init_adapter_cfg(compose_cfg, lora_run, alpaca_file, tmp_path / "base", "init_adapter=null"))
+    assert untouched["test/loss"] > metrics["test/loss"] + 0.5  # the base model: the check above is not trivial
+
+
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [
+        (("method=lora", "method.r=8"), "r: export 4, this run 8"),
+        ((*LORA_RUN_METHOD, "method.alpha=32"), "lora_alpha: export 16, this run 32"),
+        (("method=dora", "method.r=4"), "use_dora: export False, this run True"),
+        ((*LORA_RUN_METHOD, "method.init=pissa"), "method.init=pissa initialises the adapter itself"),
+        (("method=ia3",), "peft_type: export 'LORA', this run 'IA3'"),
+        ((*LORA_RUN_METHOD, "model=tiny_moe"), "the export adapts model=tiny, this run model=tiny_moe"),
+        (("method=full",), "method=full is not a peft adapter"),
+    ],
+)
+def test_init_adapter_refuses_an_export_of_another_model_or_method(
+    lora_run, alpaca_file, compose_cfg, tmp_path, method, message
+):
+    from tunelab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train(init_adapter_cfg(compose_cfg, lora_run, alpaca_file, tmp_path, method=method))
+
+
+def test_init_adapter_refuses_a_folder_without_a_peft_adapter(lora_run, alpaca_file, compose_cfg, tmp_path):
+    from tunelab.errors import ConfigError
+
+    folder = tmp_path / "run" / "adapter"
+    folder.mkdir(parents=True)
+    with pytest.raises(ConfigError, match="no peft adapter there"):
+        train(init_adapter_cfg(compose_cfg, lora_run, alpaca_file, tmp_path, f"init_adapter={folder}"))
 
 
 def test_full_finetuning_trains_every_weight(alpaca_file, compose_cfg, tmp_path):

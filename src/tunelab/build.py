@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from tunelab.methods import METHODS, apply_method, parameter_report, train_new_head
 from tunelab.models.loading import load_model
-from tunelab.runs import load_export
+from tunelab.runs import init_from_export, load_export
 from tunelab.tasks import OBJECTIVES
 from tunelab.tasks.objective import BuildContext
 from tunelab.trainer_config import resolve_precision, uses_gpu
@@ -74,6 +74,9 @@ def build_components(cfg: DictConfig) -> dict[str, Any]:
         log.info("data.packing: attention runs per packed example (%s)", SEGMENT_SDPA)
     if labels:
         train_new_head(model)
+    if cfg.get("init_adapter"):
+        init_from_export(model, cfg.init_adapter, cfg)
+        log.info("init_adapter: the adapter starts from %s", cfg.init_adapter)
     report = parameter_report(model)
     log.info("method=%s: %s", cfg.method.name, report)
     print(f"[tunelab] method={cfg.method.name} model={cfg.model.name}: {report}", flush=True)

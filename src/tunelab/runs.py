@@ -95,3 +95,72 @@ def checkpoint_state(path: str | Path) -> dict[str, Any]:
     """The module state dict stored in a Lightning checkpoint; a file that would run code when unpickled is
     refused with a :class:`~tunelab.errors.ConfigError` (:func:`tunelab.compat.torch.load_checkpoint`)."""
     return load_checkpoint(path)["state_dict"]
+
+
+INIT_ADAPTER_FREE_KEYS = ("base_model_name_or_path", "revision", "inference_mode", "init_lora_weights")
+"""Keys of a peft ``adapter_config.json`` that ``init_adapter`` does not compare: where the base came from, the
+inference flag, and how the weights were initialised (they are overwritten)."""
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A peft config as plain comparable values (sets and lists as sorted lists), less the free keys."""
+    plain = {}
+    for key, value in config.items():
+        if key in INIT_ADAPTER_FREE_KEYS:
+            continue
+        value = getattr(value, "value", value)  # enums (task_type, peft_type) as their strings
+        plain[key] = sorted(value) if isinstance(value, list | set | tuple) else value
+    return plain
+
+
+def init_from_export(model: torch.nn.Module, export_dir: str | Path, cfg: DictConfig) -> None:
+    """Set the adapter of ``model`` (a peft model built by the method) to the weights of a run's peft export
+    (``init_adapter=<run>/adapter``): SFT -> DPO -> GRPO as one chain of runs, or, with ``train=false``, one trained
+    adapter scored under another task.
+
+    Contract: the export's run trained the same model (``model.name`` of its ``config.yaml``); its
+    ``adapter_config.json`` equals this run's adapter config on every key but :data:`INIT_ADAPTER_FREE_KEYS` (same
+    adapter type, rank, scaling, targets, task type), and its tensors are exactly this model's adapter tensors
+    (the same names and shapes, none missing, none left over); anything else is a :class:`ConfigError` naming what
+    differs. The method's own data-dependent or SVD initialisation
+    (``method.init`` other than default / gaussian) is refused: it would be overwritten, or (PiSSA, OLoRA) it
+    changes the base weights the export was not trained against."""
+    import json
+
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from tunelab.methods import is_peft_model
+
+    export_dir, method_cfg = Path(export_dir), cfg.method
+    where = f"init_adapter={export_dir}"
+    config_file, weights_file = export_dir / "adapter_config.json", export_dir / "adapter_model.safetensors"
+    if not config_file.exists() or not weights_file.exists():
+        raise ConfigError(
+            f"{where}: no peft adapter there ({config_file.name} and {weights_file.name} are what a peft method "
+            "exports to <run>/adapter; in-house adapters and full models cannot start another run)"
+        )
+    if not is_peft_model(model):
+        raise ConfigError(f"{where}: method={method_cfg.name} is not a peft adapter; use the method the export used")
+    trained_on = run_config(run_folder(export_dir)).model.name
+    if trained_on != cfg.model.name:
+        raise ConfigError(f"{where}: the export adapts model={trained_on}, this run model={cfg.model.name}")
+    init = method_cfg.get("init", "default")
+    if init not in ("default", "gaussian"):
+        raise ConfigError(f"{where}: method.init={init} initialises the adapter itself; set method.init=default")
+    theirs = _comparable(json.loads(config_file.read_text()))
+    ours = _comparable(model.peft_config["default"].to_dict())
+    differ = sorted(key for key in theirs.keys() | ours.keys() if theirs.get(key) != ours.get(key))
+    if differ:
+        shown = ", ".join(f"{key}: export {theirs.get(key)!r}, this run {ours.get(key)!r}" for key in differ)
+        raise ConfigError(f"{where}: the export's adapter differs from this run's method: {shown}")
+    state = load_file(weights_file)
+    expected = {name: tensor.shape for name, tensor in get_peft_model_state_dict(model).items()}
+    found = {name: tensor.shape for name, tensor in state.items()}
+    if expected != found:
+        wrong = sorted(name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name))
+        raise ConfigError(
+            f"{where}: its tensors are not this model's adapter tensors ({len(wrong)} differ in name or shape, "
+            f"e.g. {wrong[0]}: export {found.get(wrong[0])}, this run {expected.get(wrong[0])})"
+        )
+    set_peft_model_state_dict(model, state)

@@ -87,10 +87,9 @@ class TaskModule(LightningModule):
 
     def log_and_reset(self, stage: str, metrics: torch.nn.ModuleDict) -> None:
         """Log each of ``metrics`` (torchmetrics) over the epoch as ``<stage>/<name>`` (on the progress bar for
-        ``val``), then reset them."""
-        self.log_dict(
-            {f"{stage}/{name}": metric.compute() for name, metric in metrics.items()}, prog_bar=stage == "val"
-        )
+        ``val``), then reset them; a metric no batch updated (one that does not apply to this data) is not logged."""
+        values = {f"{stage}/{name}": metric.compute() for name, metric in metrics.items() if metric.update_called}
+        self.log_dict(values, prog_bar=stage == "val")
         for metric in metrics.values():
             metric.reset()
 

@@ -61,10 +61,10 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import move_data_to_device
 from omegaconf import DictConfig
-from torchmetrics import MeanMetric
 
 from tunelab.errors import ConfigError
 from tunelab.methods.spec import Method
+from tunelab.tasks.answers import answer_metrics, answer_samples, update_answer_metrics
 from tunelab.tasks.base import TaskModule
 from tunelab.tasks.grpo_losses import (
     LOSS_TYPES,
@@ -182,12 +182,8 @@ class GRPOModule(TaskModule):
         )
         disable_dropout(model)
         self.refill: Iterator[dict[str, Any]] | None = None  # task.dynamic_sampling=resample's own loader pass
-        self.stage_metrics = torch.nn.ModuleDict(
-            {
-                stage: torch.nn.ModuleDict({name: MeanMetric() for name in ("reward_mean", "completion_length")})
-                for stage in ("val", "test")
-            }
-        )
+        self.stage_metrics = answer_metrics("completion_length")
+        self.test_samples: list[dict[str, Any]] = []
 
     @staticmethod
     def reference_weight(task_cfg: DictConfig) -> float:
@@ -365,9 +361,12 @@ class GRPOModule(TaskModule):
 
     def _eval_step(self, stage: str, batch: dict[str, Any], dataloader_idx: int = 0) -> None:
         completions = self.engine.complete(self.model, batch, sample=False)
+        rewards = self.engine.score(completions, batch["records"])
         metrics = self.stage_metrics[stage]
-        metrics["reward_mean"].update(self.engine.score(completions, batch["records"]))
+        update_answer_metrics(metrics, rewards, completions.texts, batch["records"])
         metrics["completion_length"].update(completions.mask.sum(-1).float())
+        if stage == "test":
+            self.test_samples += answer_samples(completions.texts, batch["records"], rewards)
 
     def _eval_epoch_end(self, stage: str) -> None:
         self.log_and_reset(stage, self.stage_metrics[stage])

@@ -51,10 +51,9 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from torchmetrics import MeanMetric
 
-from tunelab.data.prompts import prompt_turns
 from tunelab.errors import ConfigError
+from tunelab.tasks.answers import answer_metrics, answer_samples, update_answer_metrics
 from tunelab.tasks.base import TaskModule
 from tunelab.tasks.objective import OBJECTIVES, Objective
 from tunelab.tasks.optim import build_optimizer
@@ -141,12 +140,7 @@ class PPOModule(TaskModule):
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
         disable_dropout(model)
-        self.stage_metrics = torch.nn.ModuleDict(
-            {
-                stage: torch.nn.ModuleDict({name: MeanMetric() for name in ("reward_mean", "kl", "response_length")})
-                for stage in ("val", "test")
-            }
-        )
+        self.stage_metrics = answer_metrics("kl", "response_length")
         self.test_samples: list[dict[str, Any]] = []
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -245,19 +239,11 @@ class PPOModule(TaskModule):
         logps, _, _ = self.policy_outputs(*args)
         kl = per_token_kl(logps, self.engine.reference_logps(self.model, *args))
         metrics = self.stage_metrics[stage]
-        metrics["reward_mean"].update(scores)
+        update_answer_metrics(metrics, scores, completions.texts, batch["records"])
         metrics["kl"].update(kl.sum(-1))
         metrics["response_length"].update(completions.mask.sum(-1).float())
         if stage == "test":
-            self.test_samples += [
-                {
-                    "question": prompt_turns(record)[-1]["content"],
-                    "prediction": text,
-                    "reference": str(record.get("answer", "")),
-                    "reward": float(score),
-                }
-                for record, text, score in zip(batch["records"], completions.texts, scores, strict=True)
-            ]
+            self.test_samples += answer_samples(completions.texts, batch["records"], scores)
 
     def _eval_epoch_end(self, stage: str) -> None:
         self.log_and_reset(stage, self.stage_metrics[stage])
