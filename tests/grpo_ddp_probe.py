@@ -1,6 +1,7 @@
 """A plugin for tests/test_grpo_ddp.py (``plugins=[tests.grpo_ddp_probe]``, imported by every rank): records each
 rank's scored groups (its prompts' answers, the answer of each completion's record as the reward saw it, the
-rewards and the advantages) as json lines in ``$GRPO_PROBE_DIR/rank<r>.jsonl``, and :func:`reward`, the run's
+rewards and the advantages) as json lines in ``$GRPO_PROBE_DIR/rank<r>.jsonl``, the advantages each update
+receives (after the whole-batch step, RLOO's whitening) in ``rank<r>_update.jsonl``, and :func:`reward`, the run's
 reward (``task.reward.function``)."""
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ def recording(self: GRPOModule, batch: dict[str, Any]) -> ScoredGroups:
     return scored
 
 
-scoring = GRPOModule.score_groups
+def recording_update(self: GRPOModule, completions: Any, advantages: Any, *args: Any) -> Any:
+    with open(Path(os.environ[PROBE_DIR]) / f"rank{self.global_rank}_update.jsonl", "a") as handle:
+        handle.write(json.dumps(advantages.tolist()) + "\n")
+    return updating(self, completions, advantages, *args)
+
+
+scoring, updating = GRPOModule.score_groups, GRPOModule.update
 if PROBE_DIR in os.environ:  # the run's ranks; importing PROBE_DIR into the test's own process patches nothing
-    GRPOModule.score_groups = recording
+    GRPOModule.score_groups, GRPOModule.update = recording, recording_update

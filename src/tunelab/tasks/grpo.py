@@ -205,6 +205,10 @@ class GRPOModule(TaskModule):
         scale = self.loss_type != "dr_grpo" if scale is None else bool(scale)
         return group_advantages(rewards, self.cfg.num_generations, scale=scale, eps=self.cfg.scale_eps)
 
+    def batch_advantages(self, advantages: torch.Tensor) -> torch.Tensor:
+        """Step 3b, once per training step over the rows of every draw: GRPO's advantages are final per group."""
+        return advantages
+
     def loss(
         self,
         logps: torch.Tensor,
@@ -343,6 +347,7 @@ class GRPOModule(TaskModule):
         mask = completions.mask.float()
         if cfg.mask_truncated_completions:
             mask = truncation_mask(mask, completions.ended)
+        advantages = self.batch_advantages(advantages)
         rows = torch.arange(len(rewards), device=rewards.device)
         if cfg.dynamic_sampling != "off":
             rows = rows[leave_groups_out(flat, generations)][: len(batch["records"]) * generations]

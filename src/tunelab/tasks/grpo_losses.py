@@ -45,8 +45,23 @@ def leave_one_out_advantages(
     flat = grouped.amax(-1) == grouped.amin(-1)
     advantages = (grouped - baselines).masked_fill(flat.unsqueeze(-1), 0.0).reshape(-1)
     if normalize:
-        advantages = (advantages - advantages.mean()) / (advantages.std() + eps)
+        advantages = whiten(advantages, moments(advantages), eps)
     return advantages, flat
+
+
+def moments(values: torch.Tensor) -> torch.Tensor:
+    """``[n, sum x, sum x^2]`` of ``values`` (float64): what :func:`whiten` needs, summable over ranks."""
+    values = values.detach().double()
+    return torch.stack([torch.tensor(float(values.numel()), dtype=torch.float64), values.sum(), (values**2).sum()])
+
+
+def whiten(values: torch.Tensor, population: torch.Tensor, eps: float) -> torch.Tensor:
+    """``(x - mean) / (std + eps)`` with the mean and sample std of the population whose :func:`moments` are
+    ``population`` (a batch spread over ranks: their moments summed)."""
+    count, total, squares = population
+    mean = total / count
+    std = ((squares - count * mean**2) / (count - 1).clamp(min=1)).clamp(min=0).sqrt()
+    return ((values - mean) / (std + eps)).to(values.dtype)
 
 
 def leave_groups_out(groups: torch.Tensor, num_generations: int) -> torch.Tensor:

@@ -7,7 +7,8 @@ The rollout, rewards (and DAPO's overlong penalty / truncation masking), zero-va
 (:mod:`tunelab.tasks.grpo`, whose module this one specialises); what differs:
 
 - advantages :func:`~tunelab.tasks.grpo_losses.leave_one_out_advantages`: ``A_i = r_i - (1 / (k - 1))
-  sum_{j != i} r_j``, whitened over the batch when ``task.normalize_advantages``;
+  sum_{j != i} r_j``, whitened over the whole training batch (all ranks, all resampled draws) when
+  ``task.normalize_advantages``;
 - loss :func:`~tunelab.tasks.grpo_losses.sequence_ratio_loss`: ``rho_i = exp(sum_t (log pi - log pi_old))``, the
   clipped surrogate ``-min(rho_i A_i, clamp(rho_i, 1 - epsilon_low, 1 + epsilon_high) A_i)``, mean over the
   completions (its gradient on the first pass, ``rho = 1``, is REINFORCE's; a wide ``epsilon`` switches the
@@ -26,7 +27,14 @@ from omegaconf import DictConfig
 
 from tunelab.methods.spec import Method
 from tunelab.tasks.grpo import GRPOModule, check_group_config
-from tunelab.tasks.grpo_losses import PolicyLoss, leave_one_out_advantages, sequence_kl, sequence_ratio_loss
+from tunelab.tasks.grpo_losses import (
+    PolicyLoss,
+    leave_one_out_advantages,
+    moments,
+    sequence_kl,
+    sequence_ratio_loss,
+    whiten,
+)
 from tunelab.tasks.objective import OBJECTIVES, Objective
 from tunelab.tasks.reward_sources import rollout_builder
 from tunelab.tasks.rollout import Completions
@@ -68,10 +76,17 @@ class RLOOModule(GRPOModule):
         return "rloo"
 
     def advantages(self, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.cfg
-        return leave_one_out_advantages(
-            rewards, cfg.num_generations, normalize=cfg.normalize_advantages, eps=cfg.scale_eps
-        )
+        return leave_one_out_advantages(rewards, self.cfg.num_generations)
+
+    def batch_advantages(self, advantages: torch.Tensor) -> torch.Tensor:
+        """``task.normalize_advantages``: whitened over the whole batch, every rank's rows (their moments summed
+        across ranks), so a run on several processes whitens as one process holding the global batch would."""
+        if not self.cfg.normalize_advantages:
+            return advantages
+        population = moments(advantages).to(advantages.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            population = self.trainer.strategy.reduce(population, reduce_op="sum")
+        return whiten(advantages, population, self.cfg.scale_eps)
 
     def loss(
         self,
