@@ -23,6 +23,7 @@ from torchmetrics import MeanMetric, Metric
 
 from tunelab.data.prompts import prompt_turns
 from tunelab.rewards.verifiable import extract_reply
+from tunelab.tasks.grpo_losses import mean_and_std
 
 
 class StandardError(Metric):
@@ -45,9 +46,8 @@ class StandardError(Metric):
     def compute(self) -> torch.Tensor:
         if self.count < 2:
             return torch.tensor(float("nan"))
-        mean = self.total / self.count
-        variance = ((self.squares - self.count * mean**2) / (self.count - 1)).clamp(min=0)
-        return (variance / self.count).sqrt().float()
+        _, std = mean_and_std(self.count, self.total, self.squares)
+        return (std / self.count.sqrt()).float()
 
 
 def exact_matches(texts: Sequence[str], records: Sequence[Mapping[str, Any]]) -> torch.Tensor | None:

@@ -58,10 +58,14 @@ def moments(values: torch.Tensor) -> torch.Tensor:
 def whiten(values: torch.Tensor, population: torch.Tensor, eps: float) -> torch.Tensor:
     """``(x - mean) / (std + eps)`` with the mean and sample std of the population whose :func:`moments` are
     ``population`` (a batch spread over ranks: their moments summed)."""
-    count, total, squares = population
-    mean = total / count
-    std = ((squares - count * mean**2) / (count - 1).clamp(min=1)).clamp(min=0).sqrt()
+    mean, std = mean_and_std(*population)
     return ((values - mean) / (std + eps)).to(values.dtype)
+
+
+def mean_and_std(count: torch.Tensor, total: torch.Tensor, squares: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and sample standard deviation (``n - 1``) from ``n``, ``sum x`` and ``sum x^2`` (0 below 2 values)."""
+    mean = total / count
+    return mean, ((squares - count * mean**2) / (count - 1).clamp(min=1)).clamp(min=0).sqrt()
 
 
 def leave_groups_out(groups: torch.Tensor, num_generations: int) -> torch.Tensor:
