@@ -14,6 +14,7 @@ from datetime import timedelta
 
 import lightning.pytorch as pl
 import pytest
+import torch.distributed as dist
 from hydra.utils import instantiate
 
 from tunelab.compat.lightning import LostRankError, LostRankLauncher
@@ -23,7 +24,7 @@ from tunelab.errors import ConfigError
 from .conftest import run_distributed
 
 MULTI_PROCESS_TRAINERS = ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"]
-TIMEOUT_S = 20
+TIMEOUT_S = 60  # also the rendezvous timeout: on CI's 2 loaded cores, a rank's start took more than 20 s once
 HANG_S = 120  # a hung rank that nobody kills ends itself after this, so a failing test leaves no process behind
 GLOO_CLOSED = (
     "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
@@ -120,6 +121,22 @@ def test_rank_zero_names_the_rank_that_died_and_kills_the_one_that_hangs(monkeyp
     )
     assert hung.poll() == -signal.SIGKILL
     assert launcher.procs == []  # Lightning's process observer polls this list: nothing left for it to kill for
+
+
+def test_a_rank_that_never_joins_is_told_apart_from_a_silent_collective(monkeypatch):
+    """The TCP store's rendezvous error (torch 2.13.0) names the join, not a collective."""
+    launcher = LostRankLauncher(cpu_environment(monkeypatch), 2, 1, timedelta(seconds=TIMEOUT_S))
+
+    def rendezvous() -> None:
+        raise dist.DistStoreError("Timed out after 61 seconds waiting for clients. 1/2 clients joined.")
+
+    with pytest.raises(LostRankError) as caught:
+        launcher.launch(rendezvous)
+    assert str(caught.value) == (
+        f"rank 0 stopped: not every rank joined the process group within trainer.strategy.timeout_s={TIMEOUT_S} "
+        "(slow start? raise it) (torch.distributed: Timed out after 61 seconds waiting for clients); "
+        f"another rank died, or hung past trainer.strategy.timeout_s={TIMEOUT_S}; check the other ranks' output above"
+    )
 
 
 def test_other_errors_pass_the_launcher_unchanged(monkeypatch):

@@ -220,7 +220,9 @@ class LostRankLauncher(_SubprocessScriptLauncher):
             if self.timeout is not None
             else "the process-group timeout"
         )
-        if re.search("time[ds]? ?out", str(error), re.IGNORECASE):
+        if "waiting for clients" in str(error):
+            what = f"not every rank joined the process group within {timeout} (slow start? raise it)"
+        elif re.search("time[ds]? ?out", str(error), re.IGNORECASE):
             what = f"a collective got no answer within {timeout}"
         else:
             what = "the process group broke"
