@@ -40,25 +40,6 @@ def loopback_only_connect(sock: socket.socket, address) -> None:
 
 socket.socket.connect = loopback_only_connect
 
-# pytest-xdist's loadgroup (pyproject's addopts): a test file is one group, run whole on one worker so its
-# module-scoped fixtures are built once; the tests of these files stand alone (no module fixture) and are long, so
-# each is sent to whichever worker is free (as one group the README file alone ran 25 minutes on one worker).
-SPREAD_FILES = {
-    "test_readme.py",
-    "test_sharded.py",
-    "test_precision.py",
-    "test_multirun.py",
-    "test_process_group.py",
-    "test_resume.py",
-    "test_grpo_ddp.py",
-}
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.path.name not in SPREAD_FILES:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
-
 
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:

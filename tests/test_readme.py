@@ -127,7 +127,7 @@ class Workspace:
         return self.done[command.line]
 
 
-@pytest.fixture(scope="session")  # one per xdist worker: the README's tests are spread over both (conftest)
+@pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     return Workspace(tmp_path_factory.mktemp("readme"))
 
