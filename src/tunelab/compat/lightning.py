@@ -151,7 +151,8 @@ def eager_full_checkpoints() -> Iterator[None]:
 
 
 class LostRankError(TunelabError):
-    """This rank's process group broke: another rank died, or a collective got no answer within the timeout."""
+    """This rank's process group broke: another rank died, never joined, or a collective got no answer within the
+    timeout."""
 
 
 GLOO_LOST_PEER = (
@@ -160,6 +161,7 @@ GLOO_LOST_PEER = (
     "Timed out waiting",
     "timeout caused pair closure",
 )  # how gloo (torch 2.13.0) reports a peer that is gone or silent, in plain RuntimeErrors
+RENDEZVOUS_TIMED_OUT = "waiting for clients"  # the TCP store (torch 2.13.0) when a rank never joined in the timeout
 EXIT_GRACE_S = 2.0  # a dying peer's exit status can trail the connection its death closed
 
 
@@ -220,7 +222,7 @@ class LostRankLauncher(_SubprocessScriptLauncher):
             if self.timeout is not None
             else "the process-group timeout"
         )
-        if "waiting for clients" in str(error):
+        if RENDEZVOUS_TIMED_OUT in str(error):
             what = f"not every rank joined the process group within {timeout} (slow start? raise it)"
         elif re.search("time[ds]? ?out", str(error), re.IGNORECASE):
             what = f"a collective got no answer within {timeout}"
